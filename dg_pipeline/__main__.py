@@ -1,0 +1,38 @@
+"""Entry point: `python -m dg_pipeline stage=<stage> recipe=<recipe> run_dir=<dir> [overrides]`.
+
+It composes the Hydra config (conf/ + recipes/) and dispatches to one stage module; nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Keep third-party start-up quiet and offline: no telemetry, no hub look-ups (rule 4).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from nemo.core.config import hydra_runner  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@hydra_runner(config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    from dg_pipeline.core.errors import PipelineError
+    from dg_pipeline.stages import run_stage
+
+    try:
+        run_stage(cfg)
+    except PipelineError as e:
+        # One clear line for errors the user can fix; tracebacks are for bugs.
+        print(f"\nerror: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data: Sudoku generation, readers for local files, the board tokenizer, and the batch collator."""

@@ -1,0 +1,1 @@
+"""export component (see docs/ARCHITECTURE.md)."""

@@ -1,0 +1,105 @@
+"""Named DiffusionGemma configs: the recipes' models, the test model and the throughput-benchmark model.
+
+All are real `DiffusionGemmaConfig`s with MoE experts (so the expert code paths are always exercised) and a
+tiny vision tower (the model class requires one; it is never fed images in these recipes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import DiffusionGemmaConfig
+
+from dg_pipeline.core.errors import InputError
+
+
+@dataclass(frozen=True)
+class TextShape:
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_experts: int
+    top_k_experts: int
+    moe_intermediate_size: int
+    sliding_window: int
+    # None = the model's own default pattern (5 sliding : 1 full, last layer full)
+    layer_types: tuple[str, ...] | None = None
+    max_position_embeddings: int = 4096
+    extra: dict = field(default_factory=dict)
+
+
+S, F = "sliding_attention", "full_attention"
+
+NAMED_SHAPES: dict[str, TextShape] = {
+    # Unit tests: instantiates and generates on a CPU in about a second.
+    "tiny": TextShape(64, 128, 2, 2, 1, 32, 4, 2, 32, sliding_window=8, layer_types=(S, F)),
+    # The default recipe's model: CPU-sized (~1.5M params), trains on 4x4 Sudoku in a few CPU minutes.
+    "sudoku4": TextShape(128, 256, 4, 4, 2, 32, 4, 2, 128, sliding_window=64, layer_types=(S, S, S, F)),
+    # A GPU-host model for 9x9 Sudoku (~20M params).
+    "sudoku9": TextShape(320, 768, 8, 4, 2, 64, 8, 2, 256, sliding_window=256, layer_types=(S, S, S, F) * 2),
+    # Throughput benchmarks (~110M params with a 32k vocabulary).
+    "bench100m": TextShape(512, 1536, 10, 8, 2, 64, 8, 2, 512, sliding_window=512),
+}
+
+TINY_VISION = dict(
+    model_type="gemma4_vision",
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=2,
+    head_dim=8,
+    patch_size=4,
+    position_embedding_size=64,
+    pooling_kernel_size=2,
+)
+
+
+def build_config(
+    name: str,
+    vocab_size: int,
+    canvas_length: int,
+    pad_token_id: int = 0,
+    eos_token_id: int = 1,
+    bos_token_id: int = 2,
+) -> DiffusionGemmaConfig:
+    """A DiffusionGemmaConfig for one of NAMED_SHAPES, sized to a tokenizer's vocabulary."""
+    if name not in NAMED_SHAPES:
+        raise InputError(f"model.init={name}: unknown model config; choose one of {sorted(NAMED_SHAPES)}")
+    s = NAMED_SHAPES[name]
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=s.hidden_size,
+        intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_hidden_layers,
+        num_attention_heads=s.num_attention_heads,
+        num_key_value_heads=s.num_key_value_heads,
+        num_global_key_value_heads=s.num_key_value_heads,
+        head_dim=s.head_dim,
+        global_head_dim=s.head_dim,
+        num_experts=s.num_experts,
+        top_k_experts=s.top_k_experts,
+        moe_intermediate_size=s.moe_intermediate_size,
+        sliding_window=s.sliding_window,
+        max_position_embeddings=s.max_position_embeddings,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=bos_token_id,
+        **s.extra,
+    )
+    if s.layer_types is not None:
+        text["layer_types"] = list(s.layer_types)
+    cfg = DiffusionGemmaConfig(
+        text_config=text,
+        vision_config=dict(TINY_VISION),
+        canvas_length=canvas_length,
+        # Small vocabularies: keep the (unused) image special ids inside the vocabulary range.
+        boi_token_id=pad_token_id,
+        eoi_token_id=pad_token_id,
+        image_token_id=vocab_size + 1,
+    )
+    cfg.architectures = ["DiffusionGemmaForBlockDiffusion"]
+    return cfg

@@ -1,0 +1,1 @@
+"""objective component (see docs/ARCHITECTURE.md)."""

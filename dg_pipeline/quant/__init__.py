@@ -1,0 +1,1 @@
+"""quant component (see docs/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""sampling component (see docs/ARCHITECTURE.md)."""

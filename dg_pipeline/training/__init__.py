@@ -1,0 +1,1 @@
+"""training component (see docs/ARCHITECTURE.md)."""

@@ -1,0 +1,1 @@
+"""verify component (see docs/ARCHITECTURE.md)."""
