@@ -1,0 +1,458 @@
+"""Sudoku boards: geometry, a bitmask backtracking solver, a unique-solution generator and a board validator.
+
+Board strings are row-major digits, `0` = blank, `size*size` characters (16 for 4x4, 81 for 9x9).
+
+Generation (per board): fill a random complete grid, keep a random subset of `target` cells as clues, then
+*repair* until the solution is unique (find a second solution, add as a clue one cell where it disagrees with ours)
+and *trim* back toward `target` (drop a clue if the board stays unique). Each board costs a handful of solver
+calls. Boards come in fixed-size chunks whose RNG is seeded by (seed, size, chunk index), so the output depends on
+the seed and the clue range only, never on the number of worker processes.
+
+Clue-count limits (checked by `check_clue_range`, an InputError otherwise):
+- 4x4: >= 4 clues (no 4x4 board with 3 or fewer clues has a unique solution), <= 15 (at least one blank).
+- 9x9: >= 22 clues. 17 is the proven minimum, but random boards with fewer than ~22 unique-solution clues are so
+  rare that generation would effectively never finish; <= 80.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import multiprocessing
+import random
+from dataclasses import dataclass
+from typing import Iterable, NamedTuple, Sequence
+
+from dg_pipeline.core.errors import InputError
+
+# Smallest clue count a generated board may have, per size (see the module docstring for why).
+MIN_GENERATED_CLUES = {4: 4, 9: 22}
+# Boards per RNG chunk: the unit of determinism and of work handed to a worker process.
+CHUNK_SIZE = 100
+# Bumped whenever the generator's output for a given seed changes (cached data files are regenerated).
+GENERATOR_VERSION = 1
+
+
+class Board(NamedTuple):
+    puzzle: str
+    solution: str
+
+
+# --------------------------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Row/column/box index of every cell of a size x size board (box = sqrt(size))."""
+
+    size: int
+    box: int
+    row_of: tuple[int, ...]
+    col_of: tuple[int, ...]
+    box_of: tuple[int, ...]
+
+    @property
+    def cells(self) -> int:
+        return self.size * self.size
+
+    @property
+    def full_mask(self) -> int:
+        return (1 << self.size) - 1
+
+    def where(self, cell: int) -> str:
+        return f"row {self.row_of[cell] + 1} col {self.col_of[cell] + 1}"
+
+    def box_name(self, b: int) -> str:
+        r0, c0 = (b // self.box) * self.box, (b % self.box) * self.box
+        return f"box {b + 1} (rows {r0 + 1}-{r0 + self.box}, cols {c0 + 1}-{c0 + self.box})"
+
+
+@functools.lru_cache(maxsize=None)
+def geometry(size: int) -> Geometry:
+    box = math.isqrt(size)
+    if size not in MIN_GENERATED_CLUES:
+        raise InputError(f"data.size={size}: unsupported board size (fix: use 4 for 4x4 or 9 for 9x9)")
+    cells = range(size * size)
+    return Geometry(
+        size=size,
+        box=box,
+        row_of=tuple(c // size for c in cells),
+        col_of=tuple(c % size for c in cells),
+        box_of=tuple((c // size // box) * box + (c % size) // box for c in cells),
+    )
+
+
+def size_for_length(length: int) -> int | None:
+    """The board size whose strings have `length` characters (16 -> 4, 81 -> 9), else None."""
+    return next((s for s in MIN_GENERATED_CLUES if s * s == length), None)
+
+
+def to_cells(board: str) -> list[int]:
+    return [int(ch) for ch in board]
+
+
+def to_string(cells: Sequence[int]) -> str:
+    return "".join(map(str, cells))
+
+
+# --------------------------------------------------------------------------------------------- solver
+
+
+def find_solutions(cells: Sequence[int], size: int, limit: int = 2, rng: random.Random | None = None) -> list[list[int]]:
+    """Up to `limit` complete solutions of a board (0 = blank); [] when its clues conflict or it has none.
+
+    Bitmask backtracking that always branches on the blank with the fewest candidates. With `rng`, candidate
+    digits are tried in random order (used to fill random complete grids).
+    """
+    g = geometry(size)
+    grid = list(cells)
+    rows, cols, boxes = [0] * size, [0] * size, [0] * size
+    empties = []
+    for cell, digit in enumerate(grid):
+        if digit == 0:
+            empties.append(cell)
+            continue
+        bit = 1 << (digit - 1)
+        r, c, b = g.row_of[cell], g.col_of[cell], g.box_of[cell]
+        if (rows[r] | cols[c] | boxes[b]) & bit:
+            return []  # two equal clues share a unit
+        rows[r] |= bit
+        cols[c] |= bit
+        boxes[b] |= bit
+    found: list[list[int]] = []
+    _search(grid, rows, cols, boxes, empties, g, limit, found, rng)
+    return found
+
+
+def _search(grid, rows, cols, boxes, empties, g: Geometry, limit, found, rng) -> None:
+    if not empties:
+        found.append(grid.copy())
+        return
+    row_of, col_of, box_of, full = g.row_of, g.col_of, g.box_of, g.full_mask
+    best_i, best_mask, best_n = 0, 0, 99
+    for i, cell in enumerate(empties):
+        mask = full & ~(rows[row_of[cell]] | cols[col_of[cell]] | boxes[box_of[cell]])
+        n = mask.bit_count()
+        if n < best_n:
+            best_i, best_mask, best_n = i, mask, n
+            if n <= 1:
+                break  # a dead end or a forced digit: no better choice exists
+    if best_n == 0:
+        return
+    cell = empties[best_i]
+    empties[best_i] = empties[-1]
+    empties.pop()
+    r, c, b = row_of[cell], col_of[cell], box_of[cell]
+    bits = []
+    while best_mask:
+        bit = best_mask & -best_mask
+        bits.append(bit)
+        best_mask ^= bit
+    if rng is not None:
+        rng.shuffle(bits)
+    for bit in bits:
+        grid[cell] = bit.bit_length()
+        rows[r] |= bit
+        cols[c] |= bit
+        boxes[b] |= bit
+        _search(grid, rows, cols, boxes, empties, g, limit, found, rng)
+        rows[r] ^= bit
+        cols[c] ^= bit
+        boxes[b] ^= bit
+        if len(found) >= limit:
+            break
+    grid[cell] = 0
+    empties.append(cell)
+    empties[best_i], empties[-1] = empties[-1], empties[best_i]
+
+
+def count_solutions(puzzle: str, limit: int = 2) -> int:
+    """How many solutions a board string has, counting no further than `limit`."""
+    size = size_for_length(len(puzzle))
+    if size is None:
+        raise InputError(f"board has {len(puzzle)} characters; expected 16 (4x4) or 81 (9x9)")
+    return len(find_solutions(to_cells(puzzle.replace(".", "0")), size, limit))
+
+
+def random_solution(size: int, rng: random.Random) -> list[int]:
+    """A uniformly-seeded random complete grid (randomised backtracking from an empty board)."""
+    return find_solutions([0] * (size * size), size, limit=1, rng=rng)[0]
+
+
+# --------------------------------------------------------------------------------------------- generator
+
+
+def check_clue_range(size: int, min_clues: int, max_clues: int) -> None:
+    """Raise InputError when boards of `size` with min_clues..max_clues unique-solution clues cannot be made."""
+    g = geometry(size)
+    floor = MIN_GENERATED_CLUES[size]
+    for key, value in (("data.min_clues", min_clues), ("data.max_clues", max_clues)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{key}={value!r}: must be an integer number of clues (fix: e.g. {key}={floor})")
+    if min_clues < floor:
+        why = (
+            "no 4x4 board with fewer than 4 clues has a unique solution"
+            if size == 4
+            else "unique 9x9 boards with fewer than ~22 clues are too rare to generate at random (17 is the proven minimum)"
+        )
+        raise InputError(f"data.min_clues={min_clues}: {why} (fix: data.min_clues>={floor} for size {size})")
+    if max_clues > g.cells - 1:
+        raise InputError(
+            f"data.max_clues={max_clues}: a {size}x{size} board has {g.cells} cells and needs at least one blank "
+            f"(fix: data.max_clues<={g.cells - 1})"
+        )
+    if min_clues > max_clues:
+        raise InputError(f"data.min_clues={min_clues} > data.max_clues={max_clues} (fix: make min_clues <= max_clues)")
+
+
+def make_board(size: int, rng: random.Random, target_clues: int, max_clues: int) -> Board | None:
+    """One board with a unique solution and target_clues..max_clues clues, or None if this attempt overshot."""
+    g = geometry(size)
+    solution = random_solution(size, rng)
+    order = list(range(g.cells))
+    rng.shuffle(order)
+    puzzle = [0] * g.cells
+    for cell in order[:target_clues]:
+        puzzle[cell] = solution[cell]
+    _repair_until_unique(puzzle, solution, size, rng)
+    _trim_toward(puzzle, target_clues, size, rng)
+    clues = g.cells - puzzle.count(0)
+    if clues > max_clues:
+        return None
+    return Board(to_string(puzzle), to_string(solution))
+
+
+def _repair_until_unique(puzzle: list[int], solution: list[int], size: int, rng: random.Random) -> None:
+    """Add clues from `solution` until it is the board's only solution."""
+    while True:
+        other = next((s for s in find_solutions(puzzle, size, limit=2) if s != solution), None)
+        if other is None:
+            return
+        disagreements = [cell for cell, (a, b) in enumerate(zip(other, solution)) if a != b]
+        cell = rng.choice(disagreements)
+        puzzle[cell] = solution[cell]
+
+
+def _trim_toward(puzzle: list[int], target_clues: int, size: int, rng: random.Random) -> None:
+    """Drop clues (random order) while above `target_clues`, keeping only drops that leave the solution unique."""
+    clue_cells = [cell for cell, d in enumerate(puzzle) if d]
+    excess = len(clue_cells) - target_clues
+    if excess <= 0:
+        return
+    rng.shuffle(clue_cells)
+    # Bounded: a few failed tries per excess clue, so a near-minimal board does not cost a solver call per clue.
+    for cell in clue_cells[: 3 * excess + 4]:
+        digit = puzzle[cell]
+        puzzle[cell] = 0
+        if len(find_solutions(puzzle, size, limit=2)) != 1:
+            puzzle[cell] = digit
+            continue
+        excess -= 1
+        if excess == 0:
+            return
+
+
+def chunk_rng(seed: int, size: int, chunk_index: int) -> random.Random:
+    # A string seed is hashed with SHA-512 by `random`: stable across runs and processes.
+    return random.Random(f"dg-sudoku/v{GENERATOR_VERSION}/size{size}/seed{seed}/chunk{chunk_index}")
+
+
+def generate_chunk(size: int, min_clues: int, max_clues: int, seed: int, chunk_index: int, n: int = CHUNK_SIZE) -> list[Board]:
+    """Chunk `chunk_index` of the board stream for (size, clue range, seed): `n` boards, deterministic."""
+    rng = chunk_rng(seed, size, chunk_index)
+    boards: list[Board] = []
+    while len(boards) < n:
+        board = make_board(size, rng, rng.randint(min_clues, max_clues), max_clues)
+        if board is not None:
+            boards.append(board)
+    return boards
+
+
+def _generate_chunk_star(args: tuple) -> list[Board]:
+    return generate_chunk(*args)
+
+
+def generate_boards(
+    size: int,
+    n: int,
+    min_clues: int,
+    max_clues: int,
+    seed: int,
+    workers: int | None = 1,
+    exclude: Iterable[str] = (),
+    progress: bool = False,
+) -> list[Board]:
+    """`n` boards with distinct puzzles (none in `exclude`), each with a unique solution and clues in range.
+
+    The result is the first `n` new puzzles of the chunked board stream, so it is the same for any `workers`
+    (None = all CPU cores), and a longer request extends a shorter one.
+    """
+    check_clue_range(size, min_clues, max_clues)
+    if n < 0:
+        raise InputError(f"number of boards must be >= 0, got {n}")
+    workers = _resolve_workers(workers)
+    seen = set(exclude)
+    boards: list[Board] = []
+    next_chunk = 0
+    with _Progress(progress, f"generating {n:,} {size}x{size} boards", n) as bar, _pool(workers) as pool:
+        while len(boards) < n:
+            # Enough chunks for what is missing (+1 to absorb duplicates), at least one per worker.
+            missing = n - len(boards)
+            n_chunks = max(workers, math.ceil(missing / CHUNK_SIZE) + (1 if seen else 0))
+            args = [(size, min_clues, max_clues, seed, i) for i in range(next_chunk, next_chunk + n_chunks)]
+            next_chunk += n_chunks
+            results = pool.imap(_generate_chunk_star, args) if pool else map(_generate_chunk_star, args)
+            for chunk in results:
+                for board in chunk:
+                    if len(boards) < n and board.puzzle not in seen:
+                        seen.add(board.puzzle)
+                        boards.append(board)
+                bar.advance(min(len(boards), n) - bar.completed)
+                if len(boards) >= n:
+                    break
+            if next_chunk > 1000 + 4 * math.ceil(n / CHUNK_SIZE):
+                raise InputError(
+                    f"could not find {n} distinct {size}x{size} puzzles with {min_clues}..{max_clues} clues "
+                    f"(only {len(boards)}; fix: widen data.min_clues..data.max_clues or ask for fewer boards)"
+                )
+    return boards
+
+
+def _resolve_workers(workers: int | None) -> int:
+    if workers is None or workers == 0:
+        return max(1, multiprocessing.cpu_count())
+    if workers < 0:
+        raise InputError(f"data.workers={workers}: must be >= 1, or null for all CPU cores")
+    return int(workers)
+
+
+class _pool:
+    """A process pool for workers > 1 (fork where available: workers need nothing but this module), else None."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.pool = None
+
+    def __enter__(self):
+        if self.workers > 1:
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            self.pool = ctx.Pool(self.workers)
+        return self.pool
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+
+
+class _Progress:
+    """A rich progress bar for long generations (a no-op when disabled)."""
+
+    def __init__(self, enabled: bool, description: str, total: int):
+        self.enabled, self.description, self.total = enabled, description, total
+        self.completed = 0
+        self._progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(self.description, total=self.total)
+        return self
+
+    def advance(self, k: int) -> None:
+        self.completed += k
+        if self._progress is not None and k:
+            self._progress.advance(self._task, k)
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.stop()
+
+
+# --------------------------------------------------------------------------------------------- validator
+
+
+class BoardError(InputError):
+    """A bad puzzle/solution pair. `problem` says what and where on the board; `fix` how to repair it."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(f"{problem} (fix: {fix})")
+        self.problem, self.fix = problem, fix
+
+
+def normalize_puzzle(puzzle: str) -> str:
+    """'.' is a blank too (Kaggle-style dumps); the canonical blank is '0'."""
+    return puzzle.strip().replace(".", "0")
+
+
+def validate_board(puzzle: str, solution: str, size: int | None = None) -> Board:
+    """Check a puzzle/solution pair and return it normalised ('.' -> '0'); raise BoardError naming the fault.
+
+    Checks, in order: lengths, characters, the solution is a complete valid grid (each digit once per row,
+    column and box), and the solution keeps every clue of the puzzle.
+    """
+    puzzle, solution = normalize_puzzle(puzzle), solution.strip()
+    size = _board_size(puzzle, solution, size)
+    g = geometry(size)
+    _check_characters("puzzle", puzzle, g, blanks_allowed=True)
+    _check_characters("solution", solution, g, blanks_allowed=False)
+    _check_complete_grid(to_cells(solution), g)
+    for cell, (clue, answer) in enumerate(zip(puzzle, solution)):
+        if clue != "0" and clue != answer:
+            raise BoardError(
+                f"solution contradicts clue at {g.where(cell)}: the puzzle has {clue}, the solution {answer}",
+                "the solution must keep every clue of its puzzle; check that the two columns belong together",
+            )
+    return Board(puzzle, solution)
+
+
+def _board_size(puzzle: str, solution: str, size: int | None) -> int:
+    if size is None:
+        size = size_for_length(len(puzzle))
+        if size is None:
+            raise BoardError(
+                f"puzzle has {len(puzzle)} characters",
+                "a board is 16 (4x4) or 81 (9x9) digits, row by row, 0 or . for a blank",
+            )
+    n = size * size
+    for name, board in (("puzzle", puzzle), ("solution", solution)):
+        if len(board) != n:
+            raise BoardError(
+                f"{name} has {len(board)} characters, expected {n} for a {size}x{size} board",
+                f"write {n} digits row by row (0 or . = blank), or set data.size to the board size of the file",
+            )
+    return size
+
+
+def _check_characters(name: str, board: str, g: Geometry, blanks_allowed: bool) -> None:
+    allowed = set("123456789"[: g.size]) | ({"0"} if blanks_allowed else set())
+    for cell, ch in enumerate(board):
+        if ch in allowed:
+            continue
+        if ch == "0":
+            raise BoardError(f"{name} has a blank at {g.where(cell)}", "a solution must be complete: no 0 or .")
+        what = f"digit {ch!r}" if ch.isdigit() else f"non-digit character {ch!r}"
+        fix = f"use digits 1-{g.size}" + (", and 0 or . for a blank" if blanks_allowed else "")
+        raise BoardError(f"{name} has {what} at {g.where(cell)}", fix)
+
+
+def _check_complete_grid(cells: list[int], g: Geometry) -> None:
+    units = (("row", g.row_of), ("col", g.col_of), ("box", g.box_of))
+    for kind, unit_of in units:
+        first_at: dict[tuple[int, int], int] = {}
+        for cell, digit in enumerate(cells):
+            key = (unit_of[cell], digit)
+            if key not in first_at:
+                first_at[key] = cell
+                continue
+            unit = g.box_name(unit_of[cell]) if kind == "box" else f"{kind} {unit_of[cell] + 1}"
+            raise BoardError(
+                f"solution repeats {digit} in {unit} (at {g.where(first_at[key])} and {g.where(cell)})",
+                "a solution has each digit exactly once in every row, column and box",
+            )

@@ -1,0 +1,144 @@
+"""stage=all: base -> [pretrain] -> sft (gate) -> quantize per format (gate) -> export per format (check + gate).
+
+A stage is skipped when its output exists and its fingerprint (the config keys it reads + its input's
+fingerprint) is unchanged; `force=true` reruns everything. Fingerprints live in <run_dir>/.dg_state/.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from dg_pipeline.core.io import atomic_write_json
+from dg_pipeline.core.rundir import RunDir
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+# The config keys each stage reads: a change in any of them (or in the stage's input) reruns the stage.
+STAGE_KEYS = {
+    "base": ("model", "seed"),
+    "pretrain": ("model", "data", "trainer", "seed"),
+    "sft": ("model", "data", "objective", "trainer", "sampler", "verify", "seed"),
+    "quantize": ("quant", "calib", "sampler", "verify", "seed"),
+    "export": ("export", "quant", "sampler", "verify"),
+}
+
+
+@dataclass
+class PlannedStage:
+    stage: str
+    variant: str | None
+    cfg: DictConfig
+    output: Path
+    upstream: "PlannedStage | None"
+    fingerprint: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage}[{self.variant}]" if self.variant else self.stage
+
+
+def stage_fingerprint(cfg: DictConfig, stage: str, upstream_fingerprint: str) -> str:
+    keys = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
+            for k in STAGE_KEYS[stage]}
+    blob = json.dumps({"upstream": upstream_fingerprint, "keys": keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def with_quant_format(cfg: DictConfig, fmt: str) -> DictConfig:
+    """cfg with the `quant` group switched to conf/quant/<fmt>.yaml (as `quant=<fmt>` would compose it)."""
+    group_file = CONF_DIR / "quant" / f"{fmt}.yaml"
+    if not group_file.exists():
+        from dg_pipeline.core.errors import InputError
+
+        choices = sorted(p.stem for p in (CONF_DIR / "quant").glob("*.yaml"))
+        raise InputError(f"quant.formats contains '{fmt}': no conf/quant/{fmt}.yaml; choose from {choices}")
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.quant = OmegaConf.merge(out.quant, OmegaConf.load(group_file))
+        out.quant.formats = list(cfg.quant.formats)
+        out.input = None
+    return out
+
+
+def plan(cfg: DictConfig) -> list[PlannedStage]:
+    rd = RunDir.from_cfg(cfg)
+    steps: list[PlannedStage] = []
+
+    def add(stage, variant, stage_cfg, output, upstream):
+        step = PlannedStage(stage, variant, stage_cfg, output, upstream)
+        step.fingerprint = stage_fingerprint(stage_cfg, stage, upstream.fingerprint if upstream else "")
+        steps.append(step)
+        return step
+
+    base_cfg = copy.deepcopy(cfg)
+    with open_dict(base_cfg):
+        base_cfg.input = None
+    prev = add("base", None, base_cfg, rd.model_dir("base"), None)
+    if int(cfg.trainer.get("pretrain_steps", 0) or 0) > 0:
+        prev = add("pretrain", None, base_cfg, rd.model_dir("pretrain"), prev)
+    sft = add("sft", None, base_cfg, rd.model_dir("sft"), prev)
+    for fmt in cfg.quant.formats:
+        qcfg = with_quant_format(cfg, str(fmt))
+        quant = add("quantize", str(fmt), qcfg, rd.stage("quantize") / str(fmt), sft)
+        ecfg = copy.deepcopy(qcfg)
+        with open_dict(ecfg):
+            ecfg.export.format = "hf"
+            ecfg.export.name = str(fmt)
+            ecfg.export.overwrite = True  # the fingerprint decided to rebuild it
+        add("export", str(fmt), ecfg, rd.stage("export") / str(fmt), quant)
+    return steps
+
+
+def state_file(rd: RunDir, step: PlannedStage) -> Path:
+    return rd.root / ".dg_state" / f"{step.stage}{'-' + step.variant if step.variant else ''}.json"
+
+
+def is_up_to_date(rd: RunDir, step: PlannedStage) -> bool:
+    f = state_file(rd, step)
+    if not step.output.exists() or not f.exists():
+        return False
+    return json.loads(f.read_text()).get("fingerprint") == step.fingerprint
+
+
+def run(cfg: DictConfig) -> dict:
+    from dg_pipeline.stages import run_stage_tracked
+
+    rd = RunDir.from_cfg(cfg)
+    steps = plan(cfg)
+    print(f"stage=all into {rd.root}: " + " -> ".join(s.label for s in steps))
+    timings: dict[str, float] = {}
+    t_all = time.perf_counter()
+    for step in steps:
+        if not cfg.force and is_up_to_date(rd, step):
+            print(f"[all] {step.label}: up to date (fingerprint {step.fingerprint}), skipped")
+            timings[step.label] = 0.0
+            continue
+        step_cfg = copy.deepcopy(step.cfg)
+        with open_dict(step_cfg):
+            step_cfg.stage = step.stage
+            step_cfg.force = True
+        print(f"\n[all] ===== {step.label} =====")
+        t0 = time.perf_counter()
+        run_stage_tracked(step_cfg, variant=step.variant)
+        timings[step.label] = round(time.perf_counter() - t0, 1)
+        atomic_write_json(state_file(rd, step), {"fingerprint": step.fingerprint, "stage": step.label})
+    summary = {"run_dir": str(rd.root), "seconds": round(time.perf_counter() - t_all, 1), "stages": timings}
+    atomic_write_json(rd.root / "all" / "summary.json", summary)
+    _print_final_table(rd)
+    print(f"\n[all] done in {summary['seconds']} s; outputs under {rd.root}")
+    return summary
+
+
+def _print_final_table(rd: RunDir) -> None:
+    from dg_pipeline.verify import print_stage_table
+
+    records = sorted(rd.root.glob("**/verify.json"))
+    if records:
+        print_stage_table(records)

@@ -1,0 +1,174 @@
+"""The gate's record (verify.json): thresholds from config, the checks, the reference record, atomic writing.
+
+A check is a named comparison `value <op> threshold`; the gate passes when every check passes. The record is
+written before a failure is raised, so a failed stage still leaves its numbers behind.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from dg_pipeline.core.errors import GateFailed, InputError
+from dg_pipeline.core.io import atomic_write_json, read_json
+
+VERIFY_JSON = "verify.json"
+# Keys every verify.json carries (docs/ARCHITECTURE.md, verify contract); readers may rely on them.
+REQUIRED_KEYS = (
+    "stage",
+    "input",
+    "metric",
+    "accuracy",
+    "n_eval",
+    "tokens_per_second",
+    "tokens_per_forward",
+    "mean_denoising_steps",
+    "ar_accuracy",
+    "ar_tokens_per_second",
+    "speedup_vs_ar",
+    "device",
+    "batch_size",
+    "passed",
+    "checks",
+)
+# Accuracies are fractions; this slack keeps a float round-off from failing an exactly-met threshold.
+_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class Check:
+    """One gate check: `value op threshold` (op is ">=" or "<=")."""
+
+    name: str
+    value: float | None
+    threshold: float
+    op: str
+    passed: bool
+
+    def describe(self) -> str:
+        value = "n/a" if self.value is None else f"{self.value:.4g}"
+        return f"{self.name}: {value} (needs {self.op} {self.threshold:.4g})"
+
+
+def at_least(name: str, value: float | None, threshold: float) -> Check:
+    ok = value is not None and not math.isnan(value) and value >= threshold - _EPS
+    return Check(name, value, float(threshold), ">=", ok)
+
+
+def at_most(name: str, value: float | None, threshold: float) -> Check:
+    ok = value is not None and not math.isnan(value) and value <= threshold + _EPS
+    return Check(name, value, float(threshold), "<=", ok)
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """The gate's thresholds, read from cfg.verify (and cfg.quant for a quantize stage's default drop)."""
+
+    min_accuracy: float = 0.0
+    max_accuracy_drop: float | None = None
+    min_speedup: float = 0.0
+
+    @classmethod
+    def from_cfg(cls, cfg, stage: str) -> "GateThresholds":
+        v = cfg.verify
+        drop = v.get("max_accuracy_drop")
+        quant = cfg.get("quant")
+        # verify.max_accuracy_drop=null on a quantize stage means the format's own allowance (conf/quant/*.yaml).
+        if drop is None and stage.startswith("quantize") and quant is not None:
+            drop = quant.get("max_accuracy_drop")
+        thresholds = cls(
+            min_accuracy=float(v.get("min_accuracy") or 0.0),
+            max_accuracy_drop=None if drop is None else float(drop),
+            min_speedup=float(v.get("min_speedup") or 0.0),
+        )
+        if not 0.0 <= thresholds.min_accuracy <= 1.0:
+            raise InputError(f"verify.min_accuracy={thresholds.min_accuracy}: must be a fraction in [0, 1]")
+        if thresholds.max_accuracy_drop is not None and thresholds.max_accuracy_drop < 0:
+            raise InputError(f"verify.max_accuracy_drop={thresholds.max_accuracy_drop}: must be >= 0 (or null)")
+        if thresholds.min_speedup > 0 and not v.get("ar_baseline", True):
+            raise InputError(
+                f"verify.min_speedup={thresholds.min_speedup} needs the AR baseline: set verify.ar_baseline=true "
+                "or verify.min_speedup=0"
+            )
+        return thresholds
+
+
+def load_reference(explicit: str | None, passed_in: str | Path | Mapping | None, metric: str) -> dict | None:
+    """The reference record for the accuracy-drop check: verify.reference (a path) wins over the stage's own.
+
+    Returns the record with its `path` (None when given as a dict), or None when there is no reference.
+    """
+    source, key = (explicit, "verify.reference") if explicit else (passed_in, "reference")
+    if source is None:
+        return None
+    if isinstance(source, Mapping):
+        record, path = dict(source), None
+    else:
+        path = Path(str(source)).expanduser()
+        if path.is_dir():
+            path = path / VERIFY_JSON
+        if not path.exists():
+            raise InputError(
+                f"{key}={source}: no verify.json there; run the reference stage first or set verify.reference=null"
+            )
+        record = read_json(path)
+    where = path or key
+    for needed in ("metric", "accuracy"):
+        if needed not in record:
+            raise InputError(f"{where}: reference record has no `{needed}`; it is not a verify.json")
+    if record["metric"] != metric:
+        raise InputError(
+            f"{where}: reference metric is {record['metric']!r} but this gate measures {metric!r}; "
+            "point verify.reference at a record of the same task"
+        )
+    record["path"] = None if path is None else str(path)
+    return record
+
+
+def gate_checks(
+    accuracy: float,
+    speedup_vs_ar: float | None,
+    thresholds: GateThresholds,
+    reference: Mapping | None = None,
+) -> list[Check]:
+    """The checks of one gate. The drop check runs only with both a reference and a max_accuracy_drop."""
+    checks = [at_least("min_accuracy", accuracy, thresholds.min_accuracy)]
+    if reference is not None and thresholds.max_accuracy_drop is not None:
+        drop = float(reference["accuracy"]) - accuracy
+        checks.append(at_most("max_accuracy_drop", drop, thresholds.max_accuracy_drop))
+    if thresholds.min_speedup > 0 or speedup_vs_ar is not None:
+        checks.append(at_least("min_speedup", speedup_vs_ar, thresholds.min_speedup))
+    return checks
+
+
+def finalize_record(record: dict[str, Any], checks: list[Check]) -> dict[str, Any]:
+    """Adds `checks` and `passed` to a record (in place) and returns it."""
+    record["checks"] = [
+        {"name": c.name, "value": c.value, "threshold": c.threshold, "op": c.op, "passed": c.passed} for c in checks
+    ]
+    record["passed"] = all(c.passed for c in checks)
+    return record
+
+
+def write_record(out_dir: str | Path, record: Mapping[str, Any]) -> Path:
+    missing = [k for k in REQUIRED_KEYS if k not in record]
+    if missing:  # a bug in the caller, not user input
+        raise ValueError(f"verify record is missing {missing}")
+    return atomic_write_json(Path(out_dir) / VERIFY_JSON, dict(record))
+
+
+def raise_if_failed(record: Mapping[str, Any], path: str | Path) -> None:
+    """GateFailed naming every failed check and its value, once the record is on disk."""
+    if record["passed"]:
+        return
+    failed = [c for c in map(check_from_dict, record["checks"]) if not c.passed]
+    raise GateFailed(
+        f"stage={record['stage']} gate failed: " + "; ".join(c.describe() for c in failed) + f" (record: {path})"
+    )
+
+
+def check_from_dict(d: Mapping[str, Any]) -> Check:
+    """A check read back from a verify.json."""
+    return Check(d["name"], d["value"], d["threshold"], d.get("op", ">="), d["passed"])

@@ -1,0 +1,146 @@
+"""Scorers: turn one generated response (token ids) into a score against its Example.
+
+- Sudoku (`metric = "solved"`): the response is read up to the first EOS/pad; a board is *solved* when it is a
+  complete valid grid that keeps every clue (the data package's `validate_board`, so a solution that differs from
+  the reference but is valid still counts). Two cell accuracies against the reference solution:
+  `cell_accuracy` = correct cells / blank cells of the puzzle (the cells the model had to fill), and
+  `cell_accuracy_all` = correct cells / all cells (clues included, so copying the clues counts). A missing or
+  non-digit cell counts as wrong.
+- Prompt/completion (`metric = "exact_match"`): exact match of the decoded response (special tokens dropped) and
+  the reference completion, both stripped; `token_accuracy` = positions where the generated token equals the
+  reference response token (EOS included, so stopping on time counts) / reference length.
+
+`scorer_for(kind, tokenizer)` picks one from `data.kind`; `aggregate(scores)` averages them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol, Sequence
+
+from dg_pipeline.core.errors import InputError
+from dg_pipeline.data.sudoku import BoardError, validate_board
+
+# Stands for a non-digit token inside a generated board (never a valid cell).
+NOT_A_DIGIT = "?"
+
+
+@dataclass(frozen=True)
+class Score:
+    """One example's score: `correct` is the task metric; `extras` the secondary fractions (cell/token acc.)."""
+
+    correct: bool
+    extras: dict[str, float] = field(default_factory=dict)
+    text: str = ""  # the decoded response, for reports
+    reason: str = ""  # why it is wrong (empty when correct)
+
+
+class Scorer(Protocol):
+    metric: str
+
+    def score(self, generated_ids: Sequence[int], example) -> Score: ...
+
+
+def response_until_stop(ids: Sequence[int], stop_ids: Iterable[int]) -> list[int]:
+    """The generated tokens before the first EOS/pad (the response proper)."""
+    stop = set(stop_ids)
+    out = []
+    for t in ids:
+        t = int(t)
+        if t in stop:
+            break
+        out.append(t)
+    return out
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    return [i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None]
+
+
+class SudokuScorer:
+    """Solved = a complete valid grid keeping every clue; plus cell accuracies vs the reference solution."""
+
+    metric = "solved"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.stop_ids = _stop_ids(tokenizer)
+        digits = {str(d) for d in range(10)}
+        # id -> its digit, for every digit token of the vocabulary
+        self.digit_of = {i: t for t, i in tokenizer.get_vocab().items() if t in digits}
+
+    def decode_board(self, generated_ids: Sequence[int]) -> str:
+        return "".join(self.digit_of.get(t, NOT_A_DIGIT) for t in response_until_stop(generated_ids, self.stop_ids))
+
+    def score(self, generated_ids: Sequence[int], example) -> Score:
+        puzzle, solution = _board_meta(example)
+        board = self.decode_board(generated_ids)
+        try:
+            validate_board(puzzle, board)
+            solved, reason = True, ""
+        except BoardError as e:
+            solved, reason = False, e.problem
+        return Score(solved, board_cell_accuracy(board, puzzle, solution), text=board, reason=reason)
+
+
+def board_cell_accuracy(board: str, puzzle: str, solution: str) -> dict[str, float]:
+    """`cell_accuracy` over the puzzle's blank cells and `cell_accuracy_all` over every cell (see module doc)."""
+    puzzle = puzzle.replace(".", "0")
+    hits = [i < len(board) and board[i] == answer for i, answer in enumerate(solution)]
+    blanks = [i for i, clue in enumerate(puzzle) if clue == "0"]
+    return {
+        "cell_accuracy": sum(hits[i] for i in blanks) / len(blanks) if blanks else 1.0,
+        "cell_accuracy_all": sum(hits) / len(hits),
+    }
+
+
+def _board_meta(example) -> tuple[str, str]:
+    meta = getattr(example, "meta", None) or {}
+    if "puzzle" not in meta or "solution" not in meta:
+        raise InputError(
+            "a Sudoku eval example has no meta['puzzle'] / meta['solution']; read eval boards with the data "
+            "package's Sudoku readers (data.kind=sudoku), or set data.kind=chat for prompt/completion files"
+        )
+    return str(meta["puzzle"]), str(meta["solution"])
+
+
+class CompletionScorer:
+    """Exact match after strip; token accuracy vs the reference response tokens."""
+
+    metric = "exact_match"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.stop_ids = _stop_ids(tokenizer)
+
+    def score(self, generated_ids: Sequence[int], example) -> Score:
+        text = self.tokenizer.decode(response_until_stop(generated_ids, self.stop_ids), skip_special_tokens=True)
+        meta = getattr(example, "meta", None) or {}
+        reference_ids = list(example.response_ids)
+        if "completion" in meta:
+            reference = str(meta["completion"])
+        else:  # the reference text is what the reference tokens say
+            reference = self.tokenizer.decode(response_until_stop(reference_ids, self.stop_ids), skip_special_tokens=True)
+        exact = text.strip() == reference.strip()
+        hits = sum(int(g) == r for g, r in zip(generated_ids, reference_ids))
+        token_accuracy = hits / len(reference_ids) if reference_ids else float(exact)
+        return Score(exact, {"token_accuracy": token_accuracy}, text=text, reason="" if exact else "text differs")
+
+
+SCORERS = {"sudoku": SudokuScorer, "chat": CompletionScorer}
+
+
+def scorer_for(kind: str, tokenizer) -> Scorer:
+    """The scorer of a data kind (cfg.data.kind)."""
+    if kind not in SCORERS:
+        raise InputError(f"data.kind={kind}: no scorer for it; choose one of {sorted(SCORERS)}")
+    return SCORERS[kind](tokenizer)
+
+
+def aggregate(scores: Sequence[Score]) -> dict[str, float]:
+    """Mean of the metric (`accuracy`) and of every extra; empty input gives accuracy 0."""
+    n = len(scores)
+    out = {"accuracy": sum(s.correct for s in scores) / n if n else 0.0}
+    for key in scores[0].extras if scores else ():
+        out[key] = sum(s.extras[key] for s in scores) / n
+    return out
