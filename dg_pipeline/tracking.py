@@ -88,9 +88,9 @@ def track_stage(
             run.log_artifact(artifact)
     finally:
         if owns_run:
-            run.finish(quiet=True)
+            run.finish()
         else:
             # The stage's own logger (Lightning's WandbLogger in sft) opened the run; close it with the stage.
-            wandb.finish(quiet=True)
+            wandb.finish()
     os.environ.pop("WANDB_RUN_ID", None)
     return name

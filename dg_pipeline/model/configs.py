@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from transformers import DiffusionGemmaConfig
+import torch
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
 from dg_pipeline.core.errors import InputError
 
@@ -103,3 +104,29 @@ def build_config(
     )
     cfg.architectures = ["DiffusionGemmaForBlockDiffusion"]
     return cfg
+
+
+def build_model(
+    name: str,
+    tokenizer,
+    canvas_length: int,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    vocab_size: int | None = None,
+) -> DiffusionGemmaForBlockDiffusion:
+    """A randomly initialised DiffusionGemma of a named shape for `tokenizer`, the same for the same seed.
+
+    vocab_size: embedding rows; None = len(tokenizer) (more rows pad the table, e.g. for throughput benchmarks).
+    """
+    rows = vocab_size or len(tokenizer)
+    if rows < len(tokenizer):
+        raise InputError(f"model.vocab_size={vocab_size}: smaller than the tokenizer ({len(tokenizer)} tokens)")
+    config = build_config(
+        name, rows, canvas_length,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    # Seed a private copy of the CPU generator: the same weights for the same seed, no effect on the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DiffusionGemmaForBlockDiffusion._from_config(config, dtype=dtype)
+    return model.eval()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from transformers import DiffusionGemmaGenerationConfig
@@ -43,3 +44,24 @@ def default_generation_config(tokenizer, **overrides: Any) -> DiffusionGemmaGene
         return DiffusionGemmaGenerationConfig(**settings)
     except (TypeError, ValueError) as e:
         raise InputError(f"generation config: {e} (check the sampler.* keys / overrides)") from None
+
+
+# Attributes default_generation_config sets; an existing config keeps its own value for each one it has.
+_DEFAULTED = ("max_denoising_steps", "sampler_config", "t_min", "t_max", "stability_threshold",
+              "confidence_threshold", "eos_token_id", "pad_token_id", "bos_token_id")
+
+
+def complete_generation_config(generation_config, tokenizer) -> DiffusionGemmaGenerationConfig:
+    """`generation_config` with every unset sampler key / special id filled from default_generation_config.
+
+    A checkpoint saved by plain `save_pretrained` carries a generation_config.json of nulls; this makes it usable.
+    """
+    defaults = default_generation_config(tokenizer)
+    if not isinstance(generation_config, DiffusionGemmaGenerationConfig):
+        return defaults
+    completed = copy.deepcopy(generation_config)
+    for key in _DEFAULTED:
+        if getattr(completed, key, None) is None:
+            setattr(completed, key, getattr(defaults, key))
+    completed.validate()
+    return completed

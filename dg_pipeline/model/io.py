@@ -1,0 +1,134 @@
+"""Load and save DiffusionGemma model dirs.
+
+`load_base(dir)` is the one way in: it inspects what the dir holds (dg_pipeline.model.inspect) and returns a
+DiffusionGemmaForBlockDiffusion either loaded as is (a DiffusionGemma checkpoint) or converted (a Gemma 4 causal LM,
+dg_pipeline.model.convert). `load_model` is its short form. `save_model` writes a dir that
+`DiffusionGemmaForBlockDiffusion.from_pretrained`, AutoTokenizer and vLLM load, atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+
+from dg_pipeline.core.errors import InputError
+from dg_pipeline.core.io import atomic_dir
+from dg_pipeline.model.convert import ConversionReport, convert_checkpoint
+from dg_pipeline.model.generation import complete_generation_config
+from dg_pipeline.model.inspect import CheckpointInfo, inspect_checkpoint
+from dg_pipeline.model.structure import untied_backbone_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# LoadedModel.kind (and verify.json's source kind for a loaded base)
+KIND_DIFFUSION_GEMMA = "diffusion_gemma"
+KIND_GEMMA4_CONVERTED = "gemma4_converted"
+
+
+def resolve_dtype(dtype: str | torch.dtype, key: str = "model.dtype") -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype) not in DTYPES:
+        raise InputError(f"{key}={dtype}: unknown dtype; choose one of {', '.join(DTYPES)}")
+    return DTYPES[str(dtype)]
+
+
+@dataclass
+class LoadedModel:
+    model: DiffusionGemmaForBlockDiffusion
+    tokenizer: object
+    kind: str  # KIND_DIFFUSION_GEMMA | KIND_GEMMA4_CONVERTED
+    info: CheckpointInfo
+    conversion: ConversionReport | None = None
+
+
+def load_tokenizer(info: CheckpointInfo, key: str = "model.base"):
+    """The dir's tokenizer; refuses one with more tokens than the model has embedding rows."""
+    vocab_size = (info.config.get("text_config") or info.config).get("vocab_size")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(info.path)
+    except (OSError, ValueError, TypeError) as e:
+        raise InputError(f"{key}={info.path}: the tokenizer files there do not load ({e})") from None
+    if vocab_size is not None and len(tokenizer) > vocab_size:
+        raise InputError(
+            f"{key}={info.path}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
+            f"the tokenizer belongs to another model"
+        )
+    return tokenizer
+
+
+def _load_diffusion_gemma(info: CheckpointInfo, dtype: torch.dtype, key: str) -> DiffusionGemmaForBlockDiffusion:
+    model, loading = DiffusionGemmaForBlockDiffusion.from_pretrained(info.path, dtype=dtype, output_loading_info=True)
+    if loading["missing_keys"]:
+        missing = sorted(loading["missing_keys"])
+        raise InputError(
+            f"{key}={info.path}: the weights lack {len(missing)} DiffusionGemma tensors "
+            f"(e.g. {', '.join(missing[:3])}); the checkpoint is incomplete"
+        )
+    untied = untied_backbone_weights(model)
+    if untied:
+        raise InputError(
+            f"{key}={info.path}: encoder and decoder weights are not shared after loading ({', '.join(untied[:3])}); "
+            f"config.json must keep tie_word_embeddings=true"
+        )
+    return model
+
+
+def load_base(
+    path: str | Path,
+    canvas_length: int | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    check_parity: bool = False,
+    key: str = "model.base",
+    seed: int = 0,
+) -> LoadedModel:
+    """A DiffusionGemma from a DiffusionGemma dir (as is) or a Gemma 4 causal-LM dir (converted), in eval mode.
+
+    canvas_length: None keeps a DiffusionGemma checkpoint's own (and 256 for a conversion); a value overrides it.
+    check_parity: for a conversion, measure the parity figures into `.conversion` before dropping the source.
+    Every bad dir raises one InputError naming `key`, the dir/file and what was expected.
+    """
+    info = inspect_checkpoint(path, key=key)
+    torch_dtype = resolve_dtype(dtype)
+    if canvas_length is not None and (not isinstance(canvas_length, int) or canvas_length <= 0):
+        raise InputError(f"model.canvas_length={canvas_length}: must be a positive integer (the block length)")
+    tokenizer = load_tokenizer(info, key=key)  # before the weights: a bad tokenizer fails fast
+    conversion = None
+    if info.is_diffusion_gemma:
+        model = _load_diffusion_gemma(info, torch_dtype, key).to(device)
+        kind = KIND_DIFFUSION_GEMMA
+        if canvas_length is not None:
+            model.config.canvas_length = canvas_length
+    else:
+        model, conversion = convert_checkpoint(
+            info, canvas_length or 256, torch_dtype, device, check_parity=check_parity, seed=seed, key=key
+        )
+        kind = KIND_GEMMA4_CONVERTED
+    model.generation_config = complete_generation_config(model.generation_config, tokenizer)
+    return LoadedModel(model.eval(), tokenizer, kind, info, conversion)
+
+
+def load_model(
+    path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu", canvas_length: int | None = None
+):
+    """(DiffusionGemmaForBlockDiffusion, tokenizer) from a model dir (a Gemma 4 dir is converted on the fly)."""
+    loaded = load_base(path, canvas_length=canvas_length, dtype=dtype, device=device, key="input")
+    return loaded.model, loaded.tokenizer
+
+
+def save_model(model, tokenizer, out_dir: str | Path, generation_config=None) -> Path:
+    """Write weights (safetensors), config, tokenizer and generation_config.json into `out_dir`, atomically.
+
+    generation_config: None = the model's own, with unset sampler keys filled from the DiffusionGemma defaults.
+    """
+    model.generation_config = complete_generation_config(generation_config or model.generation_config, tokenizer)
+    model.config.architectures = ["DiffusionGemmaForBlockDiffusion"]
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out_dir
