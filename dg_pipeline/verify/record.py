@@ -98,13 +98,13 @@ class GateThresholds:
 def load_reference(explicit: str | None, passed_in: str | Path | Mapping | None, metric: str) -> dict | None:
     """The reference record for the accuracy-drop check: verify.reference (a path) wins over the stage's own.
 
-    Returns the record with its `path` (None when given as a dict), or None when there is no reference.
+    Returns the record with its `path` (a dict's own `path` key, else None), or None when there is no reference.
     """
     source, key = (explicit, "verify.reference") if explicit else (passed_in, "reference")
     if source is None:
         return None
     if isinstance(source, Mapping):
-        record, path = dict(source), None
+        record, path = dict(source), source.get("path")  # a record may say where it was read from
     else:
         path = Path(str(source)).expanduser()
         if path.is_dir():

@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Protocol, Sequence
 
 from dg_pipeline.core.errors import InputError
+from dg_pipeline.data.examples import BoardCodec
 from dg_pipeline.data.sudoku import BoardError, validate_board
-
-# Stands for a non-digit token inside a generated board (never a valid cell).
-NOT_A_DIGIT = "?"
 
 
 @dataclass(frozen=True)
@@ -63,14 +61,12 @@ class SudokuScorer:
     metric = "solved"
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+        self.codec = BoardCodec(tokenizer)
         self.stop_ids = _stop_ids(tokenizer)
-        digits = {str(d) for d in range(10)}
-        # id -> its digit, for every digit token of the vocabulary
-        self.digit_of = {i: t for t, i in tokenizer.get_vocab().items() if t in digits}
 
     def decode_board(self, generated_ids: Sequence[int]) -> str:
-        return "".join(self.digit_of.get(t, NOT_A_DIGIT) for t in response_until_stop(generated_ids, self.stop_ids))
+        """The generated digits up to EOS/pad; a non-digit token reads as '?' (never a valid cell)."""
+        return self.codec.decode(response_until_stop(generated_ids, self.stop_ids))
 
     def score(self, generated_ids: Sequence[int], example) -> Score:
         puzzle, solution = _board_meta(example)

@@ -1,0 +1,406 @@
+"""The verification gate every stage ends with: decode the eval set, score, time, check, write verify.json.
+
+Measured (all on the same weights, same prompts, same scorer):
+- accuracy: block-diffusion sampler over all eval examples at batch `verify.batch_size`;
+- throughput: generated tokens per second of generate() wall time (prefill included), at batch 1 (the first
+  `verify.speed_examples` examples) and at the configured batch (the accuracy pass); each pass follows an untimed
+  warm-up call of its shape. A *generated token* is a response token up to and including the first EOS (padding
+  and anything after EOS is not counted), so diffusion and AR are charged for the same useful output;
+- tokens_per_forward: tokens the sampler committed / decoder forwards it ran (accuracy pass);
+- mean_denoising_steps: mean denoising steps per block (accuracy pass);
+- the AR baseline (`ar_generate`, greedy, KV cache): accuracy at batch B and tokens/s at batch 1 and B;
+- speedup_vs_ar = diffusion tokens/s / AR tokens/s, both at batch 1 (single-user decode, where block diffusion is
+  meant to win); the batch-B ratio is recorded as `speedup_vs_ar_batch`.
+Then the checks (verify.min_accuracy, verify.max_accuracy_drop vs a reference verify.json, verify.min_speedup),
+verify.json (atomic; written before a failure is raised), the console table and the plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from dg_pipeline.core.errors import InputError
+from dg_pipeline.core.io import atomic_write_text
+from dg_pipeline.data import left_padded_prompts
+from dg_pipeline.sampling import BlockDiffusionSampler, GenerationResult, SamplerConfig, ar_generate
+from dg_pipeline.verify.plots import plot_step_sweep, plot_trajectory, trajectory_grid
+from dg_pipeline.verify.record import GateThresholds, finalize_record, gate_checks, load_reference, raise_if_failed, write_record
+from dg_pipeline.verify.report import print_gate
+from dg_pipeline.verify.scorers import Score, aggregate, scorer_for
+
+# Default max_new_tokens for free-form completions when sampler.max_new_tokens is null.
+DEFAULT_COMPLETION_TOKENS = 256
+SPEEDUP_DEFINITION = "diffusion tokens/s / AR tokens/s, both at batch 1 on the same examples and weights"
+
+
+# ------------------------------------------------------------------------------------------- one decoding pass
+
+
+@dataclass
+class DecodePass:
+    """What one decoder produced over a list of examples, summed over its batches."""
+
+    sequences: list[list[int]] = field(default_factory=list)
+    seconds: float = 0.0  # time inside generate() (the decoders' own wall_time_s, device synchronised)
+    generated_tokens: int = 0  # response tokens up to and including the first EOS
+    decoder_forwards: int = 0
+    committed_tokens: int = 0
+    block_steps: list[int] = field(default_factory=list)  # denoising steps of every (row, block) that ran
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def tokens_per_forward(self) -> float | None:
+        return self.committed_tokens / self.decoder_forwards if self.decoder_forwards else None
+
+    @property
+    def mean_denoising_steps(self) -> float | None:
+        return sum(self.block_steps) / len(self.block_steps) if self.block_steps else None
+
+
+def useful_length(seq: Sequence[int], eos_id: int | None, pad_id: int | None) -> int:
+    """Response tokens up to and including the first EOS; without EOS, the tokens before padding."""
+    for i, t in enumerate(seq):
+        if eos_id is not None and t == eos_id:
+            return i + 1
+        if pad_id is not None and t == pad_id:
+            return i
+    return len(seq)
+
+
+Generate = Callable[..., GenerationResult]  # a batch of Examples -> the decoder's result
+
+
+def run_pass(
+    generate: Generate,
+    examples: Sequence,
+    batch_size: int,
+    tokenizer,
+    progress: Progress | None = None,
+    label: str = "",
+) -> DecodePass:
+    """Decode `examples` in batches of `batch_size` and add up what the decoder reports."""
+    out = DecodePass()
+    task = progress.add_task(label, total=len(examples)) if progress is not None else None
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        result = generate(batch)
+        rows = result.sequences.tolist()
+        out.sequences.extend(rows)
+        out.seconds += result.wall_time_s
+        out.generated_tokens += sum(useful_length(r, tokenizer.eos_token_id, tokenizer.pad_token_id) for r in rows)
+        out.decoder_forwards += int(result.decoder_forwards.sum())
+        out.committed_tokens += int(result.committed_tokens.sum())
+        out.block_steps.extend(s for block in result.steps_per_block for s in block if s > 0)  # 0 = row had ended
+        if progress is not None:
+            progress.advance(task, len(batch))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- decoders
+
+
+def resolve_max_new_tokens(cfg, examples: Sequence) -> int:
+    """sampler.max_new_tokens, else the longest reference answer (Sudoku) or DEFAULT_COMPLETION_TOKENS (chat)."""
+    explicit = cfg.sampler.get("max_new_tokens")
+    if explicit is not None:
+        if int(explicit) <= 0:
+            raise InputError(f"sampler.max_new_tokens={explicit}: must be a positive number of tokens (or null)")
+        return int(explicit)
+    if str(cfg.data.kind) == "sudoku":
+        return max(len(e.response_ids) for e in examples)
+    return DEFAULT_COMPLETION_TOKENS
+
+
+def build_sampler_config(model, cfg, tokenizer, **changes: Any) -> SamplerConfig:
+    """The sampler as the gate runs it: the checkpoint's generation_config, the non-null `sampler.*` keys on top,
+    and a <mask> canvas for a model trained with objective=masked (a uniform one otherwise)."""
+    fields = {f.name for f in dataclasses.fields(SamplerConfig)}
+    overrides = {k: v for k, v in dict(cfg.sampler).items() if k in fields and v is not None}
+    objective = cfg.get("objective")
+    if objective is not None and objective.get("name") == "masked":
+        overrides.setdefault("canvas_init", "mask")
+        overrides.setdefault("mask_token_id", tokenizer.mask_token_id)
+    overrides.update(changes)
+    return SamplerConfig.for_model(model, **overrides)
+
+
+def diffusion_decoder(model, sampler_config: SamplerConfig, tokenizer, max_new_tokens: int, seed: int) -> Generate:
+    sampler = BlockDiffusionSampler(model, sampler_config)
+    calls = itertools.count()
+
+    def generate(batch, record_trajectory: bool = False):
+        ids, mask = left_padded_prompts(batch, tokenizer.pad_token_id)
+        # A distinct, reproducible seed per call, so batches do not share their random canvases.
+        return sampler.generate(
+            ids, mask, max_new_tokens=max_new_tokens, seed=seed + next(calls), record_trajectory=record_trajectory
+        )
+
+    return generate
+
+
+def ar_decoder(model, tokenizer, max_new_tokens: int) -> Generate:
+    def generate(batch):
+        ids, mask = left_padded_prompts(batch, tokenizer.pad_token_id)
+        return ar_generate(model, ids, mask, max_new_tokens=max_new_tokens, do_sample=False)
+
+    return generate
+
+
+def measure(generate: Generate, examples: Sequence, batch_size: int, speed_n: int, tokenizer, progress, name: str):
+    """(pass over all examples at `batch_size`, pass over the first `speed_n` at batch 1), each after an untimed
+    warm-up call of its own shape, so neither pays one-time costs (lazy init, compilation, CUDA graphs)."""
+    generate(examples[:batch_size])
+    batched = run_pass(generate, examples, batch_size, tokenizer, progress, f"{name:<9} batch {batch_size}")
+    generate(examples[:1])
+    single = run_pass(generate, examples[:speed_n], 1, tokenizer, progress, f"{name:<9} batch 1")
+    return batched, single
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (cuda)"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+# ------------------------------------------------------------------------------------------- the gate
+
+
+@dataclass
+class GateDecodes:
+    """Every decoding pass of one gate."""
+
+    diffusion: DecodePass  # all examples at batch B: accuracy, tokens/forward, steps, tokens/s @ B
+    diffusion_single: DecodePass  # the speed subset at batch 1: tokens/s @ 1
+    ar: DecodePass | None  # None when verify.ar_baseline=false
+    ar_single: DecodePass | None
+    sweep: list[dict]
+    plots: dict
+    device: str
+
+
+def run_gate(
+    model,
+    tokenizer,
+    examples: Sequence,
+    cfg,
+    stage: str,
+    input_dir: str | Path,
+    out_dir: str | Path,
+    reference: str | Path | Mapping | None = None,
+    *,
+    simulated: bool = False,
+    extra: Mapping[str, Any] | None = None,
+    console: Console | None = None,
+) -> dict:
+    """Run the gate and write <out_dir>/verify.json; raise GateFailed (after writing) when a check fails.
+
+    `reference`: the verify.json (path, its dir, or the record) the accuracy drop is measured against;
+    verify.reference overrides it. `simulated`: throughput was measured on fake-quantized weights (quantize
+    stage). `extra`: more keys for the record (e.g. the quant format).
+    """
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    console = console or Console()
+    # Everything that can be wrong with the inputs fails here, before any decoding.
+    scorer = scorer_for(str(cfg.data.kind), tokenizer)
+    thresholds = GateThresholds.from_cfg(cfg, stage)
+    ref = load_reference(cfg.verify.get("reference"), reference, scorer.metric)
+    examples = _eval_examples(examples, cfg)
+    sampler_config = build_sampler_config(model, cfg, tokenizer)
+
+    decodes = decode_for_gate(model, tokenizer, examples, cfg, sampler_config, scorer, out_dir, console)
+    scores = [scorer.score(s, e) for s, e in zip(decodes.diffusion.sequences, examples)]
+    ar_scores = [scorer.score(s, e) for s, e in zip(decodes.ar.sequences, examples)] if decodes.ar else None
+    record = gate_record(stage, input_dir, scorer.metric, examples, scores, ar_scores, decodes, cfg, sampler_config, ref)
+    record["simulated"] = bool(simulated)
+    record.update(extra or {})
+    finalize_record(record, gate_checks(record["accuracy"], record["speedup_vs_ar"], thresholds, ref))
+    _write_predictions(out_dir, examples, scores, ar_scores)
+    record["seconds"]["gate_total"] = time.perf_counter() - t_start
+    path = write_record(out_dir, record)
+    print_gate(record, console)
+    raise_if_failed(record, path)
+    return record
+
+
+def decode_for_gate(model, tokenizer, examples, cfg, sampler_config, scorer, out_dir: Path, console) -> GateDecodes:
+    """All the gate's decoding (diffusion, AR baseline, sweep, the trajectory plot) in eval mode, with progress."""
+    v = cfg.verify
+    batch_size = _positive(v, "batch_size")
+    speed_n = min(len(examples), _positive(v, "speed_examples", 32))
+    max_new = resolve_max_new_tokens(cfg, examples)
+    seed = int(cfg.sampler.get("seed") or 0)
+    was_training = model.training
+    model.eval()
+    try:
+        diffusion = diffusion_decoder(model, sampler_config, tokenizer, max_new, seed)
+        with _progress(console) as progress:
+            main, single = measure(diffusion, examples, batch_size, speed_n, tokenizer, progress, "diffusion")
+            ar_main = ar_single = None
+            if v.get("ar_baseline", True):
+                ar = ar_decoder(model, tokenizer, max_new)
+                ar_main, ar_single = measure(ar, examples, batch_size, speed_n, tokenizer, progress, "AR")
+            sweep = sweep_steps(model, cfg, tokenizer, examples, scorer, max_new, seed, batch_size, progress)
+        plots = write_plots(diffusion, tokenizer, examples[0], sweep, scorer.metric, out_dir) if v.get("plots", True) else {}
+    finally:
+        model.train(was_training)
+    return GateDecodes(main, single, ar_main, ar_single, sweep, plots, device_name(model_device(model)))
+
+
+def gate_record(stage, input_dir, metric, examples, scores, ar_scores, d: GateDecodes, cfg, sampler_config, ref) -> dict:
+    """verify.json's measurements (checks and `passed` are added by finalize_record)."""
+    summary = aggregate(scores)
+    ar_summary = aggregate(ar_scores) if ar_scores else {}
+    ar, ar_single = d.ar, d.ar_single
+    return {
+        "stage": stage,
+        "input": str(input_dir),
+        "metric": metric,
+        "accuracy": summary["accuracy"],
+        "n_eval": len(examples),
+        "tokens_per_second": d.diffusion_single.tokens_per_second,
+        "tokens_per_forward": d.diffusion.tokens_per_forward,
+        "mean_denoising_steps": d.diffusion.mean_denoising_steps,
+        "ar_accuracy": ar_summary.get("accuracy"),
+        "ar_tokens_per_second": ar_single.tokens_per_second if ar_single else None,
+        "speedup_vs_ar": _ratio(d.diffusion_single.tokens_per_second, ar_single.tokens_per_second if ar_single else None),
+        "device": d.device,
+        "batch_size": _positive(cfg.verify, "batch_size"),
+        **{k: val for k, val in summary.items() if k != "accuracy"},
+        **{f"ar_{k}": val for k, val in ar_summary.items() if k != "accuracy"},
+        "tokens_per_second_batch": d.diffusion.tokens_per_second,
+        "ar_tokens_per_second_batch": ar.tokens_per_second if ar else None,
+        "speedup_vs_ar_batch": _ratio(d.diffusion.tokens_per_second, ar.tokens_per_second if ar else None),
+        "tokens_per_forward_batch1": d.diffusion_single.tokens_per_forward,
+        "ar_tokens_per_forward": ar.tokens_per_forward if ar else None,
+        "speedup_definition": SPEEDUP_DEFINITION,
+        "speed_examples": len(d.diffusion_single.sequences),
+        "max_new_tokens": resolve_max_new_tokens(cfg, examples),
+        "generated_tokens": {
+            "diffusion_batch": d.diffusion.generated_tokens,
+            "diffusion_batch1": d.diffusion_single.generated_tokens,
+            "ar_batch": ar.generated_tokens if ar else None,
+            "ar_batch1": ar_single.generated_tokens if ar_single else None,
+        },
+        "sampler": _jsonable(dataclasses.asdict(sampler_config)),
+        "seed": int(cfg.sampler.get("seed") or 0),
+        "reference": None if ref is None else {"path": ref["path"], "stage": ref.get("stage"), "accuracy": ref["accuracy"]},
+        "accuracy_drop": None if ref is None else float(ref["accuracy"]) - summary["accuracy"],
+        "sweep": d.sweep,
+        "plots": d.plots,
+        "seconds": {
+            "diffusion_batch": d.diffusion.seconds,
+            "diffusion_batch1": d.diffusion_single.seconds,
+            "ar_batch": ar.seconds if ar else None,
+            "ar_batch1": ar_single.seconds if ar_single else None,
+        },
+    }
+
+
+def _eval_examples(examples: Sequence, cfg) -> list:
+    examples = list(examples)
+    n = cfg.verify.get("n_eval")
+    if n is None:
+        n = cfg.data.get("n_eval")
+    if n is not None:
+        if int(n) <= 0:
+            raise InputError(f"verify.n_eval={n}: must be a positive number of examples (or null = data.n_eval)")
+        examples = examples[: int(n)]
+    if not examples:
+        raise InputError("the gate got no eval examples: check data.eval_path (empty file?) or data.n_eval")
+    return examples
+
+
+def _positive(v: Mapping, key: str, default: int | None = None) -> int:
+    value = v.get(key)
+    value = default if value is None else value
+    if value is None or int(value) <= 0:
+        raise InputError(f"verify.{key}={value}: must be a positive integer")
+    return int(value)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]verify[/bold] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def _write_predictions(out_dir: Path, examples, scores: list[Score], ar_scores: list[Score] | None) -> Path:
+    """predictions.jsonl: one line per eval example (prediction, verdict, why), for reading failures."""
+    lines = []
+    for i, (ex, s) in enumerate(zip(examples, scores)):
+        row = {"index": i, "correct": s.correct, "prediction": s.text, "reason": s.reason, **s.extras}
+        row["reference"] = ex.meta.get("solution", ex.meta.get("completion")) if getattr(ex, "meta", None) else None
+        if ar_scores is not None:
+            row.update(ar_correct=ar_scores[i].correct, ar_prediction=ar_scores[i].text)
+        lines.append(json.dumps(row))
+    return atomic_write_text(out_dir / "predictions.jsonl", "\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- sweep and plots
+
+
+def sweep_steps(model, cfg, tokenizer, examples, scorer, max_new, seed, batch_size, progress=None) -> list[dict]:
+    """Accuracy and tokens/forward for each max_denoising_steps in verify.sweep_steps (empty = no sweep)."""
+    points = []
+    for steps in list(cfg.verify.get("sweep_steps") or []):
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+            raise InputError(f"verify.sweep_steps contains {steps!r}: each entry must be a positive step count")
+        sampler_config = build_sampler_config(model, cfg, tokenizer, max_denoising_steps=steps)
+        decode = diffusion_decoder(model, sampler_config, tokenizer, max_new, seed)
+        run = run_pass(decode, examples, batch_size, tokenizer, progress, f"sweep     steps={steps}")
+        summary = aggregate([scorer.score(s, e) for s, e in zip(run.sequences, examples)])
+        points.append(
+            {
+                "max_denoising_steps": steps,
+                "accuracy": summary["accuracy"],
+                "tokens_per_forward": run.tokens_per_forward,
+                "mean_denoising_steps": run.mean_denoising_steps,
+                "tokens_per_second": run.tokens_per_second,
+            }
+        )
+    return points
+
+
+def write_plots(diffusion: Generate, tokenizer, example, sweep: list[dict], metric: str, out_dir: Path) -> dict:
+    """sweep_steps.png (when there is a sweep) and trajectory.png (one example's denoising); returns file names."""
+    paths = {}
+    if sweep:
+        paths["sweep"] = plot_step_sweep(sweep, metric, out_dir / "sweep_steps.png").name
+    result = diffusion([example], record_trajectory=True)
+    if result.trajectory:
+        cells, kinds, labels = trajectory_grid(result.trajectory, example.response_ids, tokenizer.pad_token_id)
+        paths["trajectory"] = plot_trajectory(
+            cells, kinds, tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))), out_dir / "trajectory.png",
+            title="denoising trajectory of eval example 0 (the canvas after each step)", row_labels=labels,
+        ).name
+    return paths

@@ -1,0 +1,116 @@
+"""Gate checks and the verify.json record: thresholds from config, the reference record, the failure message."""
+
+import json
+
+import pytest
+
+from dg_pipeline.core.errors import GateFailed, InputError
+from dg_pipeline.verify.record import (
+    REQUIRED_KEYS,
+    GateThresholds,
+    finalize_record,
+    gate_checks,
+    load_reference,
+    raise_if_failed,
+    write_record,
+)
+
+
+def a_record(**overrides):
+    record = {k: None for k in REQUIRED_KEYS}
+    record.update(stage="sft", input="/m", metric="solved", accuracy=0.5, n_eval=10, device="cpu", batch_size=4)
+    record.update(overrides)
+    return record
+
+
+def test_default_config_thresholds_only_require_a_non_negative_accuracy(compose_cfg):
+    t = GateThresholds.from_cfg(compose_cfg("stage=sft"), "sft")
+    assert t == GateThresholds(min_accuracy=0.0, max_accuracy_drop=None, min_speedup=0.0)
+
+
+def test_a_quantize_gate_takes_the_formats_allowed_drop_unless_verify_sets_one(compose_cfg):
+    assert GateThresholds.from_cfg(compose_cfg("quant=nvfp4"), "quantize").max_accuracy_drop == 0.02
+    assert GateThresholds.from_cfg(compose_cfg("quant=fp8"), "quantize").max_accuracy_drop == 0.005
+    cfg = compose_cfg("quant=nvfp4", "verify.max_accuracy_drop=0.1")
+    assert GateThresholds.from_cfg(cfg, "quantize").max_accuracy_drop == 0.1
+    assert GateThresholds.from_cfg(compose_cfg("quant=nvfp4"), "sft").max_accuracy_drop is None
+
+
+def test_a_speedup_floor_without_the_ar_baseline_is_a_config_error(compose_cfg):
+    cfg = compose_cfg("verify.min_speedup=1.5", "verify.ar_baseline=false")
+    with pytest.raises(InputError, match="verify.min_speedup=1.5.*verify.ar_baseline=true"):
+        GateThresholds.from_cfg(cfg, "eval")
+
+
+def test_an_accuracy_floor_outside_0_1_is_a_config_error(compose_cfg):
+    with pytest.raises(InputError, match="verify.min_accuracy=80"):
+        GateThresholds.from_cfg(compose_cfg("verify.min_accuracy=80"), "eval")
+
+
+def test_all_checks_pass_when_every_value_meets_its_threshold():
+    checks = gate_checks(0.8, 2.0, GateThresholds(0.8, 0.05, 1.5), reference={"accuracy": 0.84, "metric": "solved"})
+    assert [(c.name, c.passed) for c in checks] == [
+        ("min_accuracy", True), ("max_accuracy_drop", True), ("min_speedup", True)
+    ]
+
+
+def test_accuracy_below_the_floor_fails_min_accuracy():
+    (check, *_) = gate_checks(0.3, None, GateThresholds(min_accuracy=0.5))
+    assert (check.name, check.value, check.threshold, check.passed) == ("min_accuracy", 0.3, 0.5, False)
+
+
+def test_a_drop_larger_than_allowed_fails_max_accuracy_drop():
+    checks = gate_checks(0.70, None, GateThresholds(max_accuracy_drop=0.02), reference={"accuracy": 0.80})
+    drop = checks[1]
+    assert drop.name == "max_accuracy_drop" and not drop.passed
+    assert drop.value == pytest.approx(0.10) and drop.threshold == 0.02
+
+
+def test_a_slower_than_required_speedup_fails_min_speedup():
+    checks = gate_checks(0.9, 1.2, GateThresholds(min_speedup=2.0))
+    assert checks[-1].name == "min_speedup" and not checks[-1].passed
+
+
+def test_a_missing_speedup_fails_a_positive_speedup_floor():
+    assert not gate_checks(0.9, None, GateThresholds(min_speedup=2.0))[-1].passed
+
+
+def test_the_reference_is_read_from_a_verify_json_or_its_directory(tmp_path):
+    write_record(tmp_path / "sft", finalize_record(a_record(accuracy=0.75), []))
+    for source in (tmp_path / "sft", tmp_path / "sft" / "verify.json"):
+        ref = load_reference(None, source, "solved")
+        assert ref["accuracy"] == 0.75 and ref["path"].endswith("sft/verify.json")
+
+
+def test_verify_reference_overrides_the_reference_the_stage_passes(tmp_path):
+    write_record(tmp_path / "a", finalize_record(a_record(accuracy=0.1), []))
+    write_record(tmp_path / "b", finalize_record(a_record(accuracy=0.9), []))
+    assert load_reference(str(tmp_path / "b"), tmp_path / "a", "solved")["accuracy"] == 0.9
+
+
+def test_a_missing_reference_names_the_key_and_the_fix(tmp_path):
+    with pytest.raises(InputError, match=r"verify.reference=.*nope.*run the reference stage first"):
+        load_reference(str(tmp_path / "nope"), None, "solved")
+
+
+def test_a_reference_of_another_task_is_refused(tmp_path):
+    write_record(tmp_path, finalize_record(a_record(metric="exact_match"), []))
+    with pytest.raises(InputError, match="'exact_match' but this gate measures 'solved'"):
+        load_reference(None, tmp_path, "solved")
+
+
+def test_a_failed_record_raises_gate_failed_naming_each_failed_check_and_its_value(tmp_path):
+    record = finalize_record(a_record(), gate_checks(0.5, 1.1, GateThresholds(min_accuracy=0.6, min_speedup=1.0)))
+    path = write_record(tmp_path, record)
+    assert json.loads(path.read_text())["passed"] is False
+    with pytest.raises(GateFailed) as err:
+        raise_if_failed(record, path)
+    msg = str(err.value)
+    assert "min_accuracy: 0.5 (needs >= 0.6)" in msg
+    assert "min_speedup" not in msg  # it passed
+    assert str(path) in msg
+
+
+def test_write_record_is_atomic_and_leaves_no_temporary_files(tmp_path):
+    write_record(tmp_path, finalize_record(a_record(), []))
+    assert [p.name for p in tmp_path.iterdir()] == ["verify.json"]
