@@ -5,8 +5,8 @@ Board strings are row-major digits, `0` = blank, `size*size` characters (16 for 
 Generation (per board): fill a random complete grid, keep a random subset of `target` cells as clues, then
 *repair* until the solution is unique (find a second solution, add as a clue one cell where it disagrees with ours)
 and *trim* back toward `target` (drop a clue if the board stays unique). Each board costs a handful of solver
-calls. Boards come in fixed-size chunks whose RNG is seeded by (seed, size, chunk index), so the output depends on
-the seed and the clue range only, never on the number of worker processes.
+calls. Board i of the stream has its own RNG seeded by (seed, size, i), so the output depends on the seed and the
+clue range only, never on the number of worker processes.
 
 Clue-count limits (checked by `check_clue_range`, an InputError otherwise):
 - 4x4: >= 4 clues (no 4x4 board with 3 or fewer clues has a unique solution), <= 15 (at least one blank).
@@ -19,18 +19,20 @@ from __future__ import annotations
 import functools
 import math
 import multiprocessing
+import operator
+import os
 import random
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 from dg_pipeline.core.errors import InputError
 
 # Smallest clue count a generated board may have, per size (see the module docstring for why).
 MIN_GENERATED_CLUES = {4: 4, 9: 22}
-# Boards per RNG chunk: the unit of determinism and of work handed to a worker process.
+# Most boards handed to a worker process at once.
 CHUNK_SIZE = 100
 # Bumped whenever the generator's output for a given seed changes (cached data files are regenerated).
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 class Board(NamedTuple):
@@ -50,14 +52,13 @@ class Geometry:
     row_of: tuple[int, ...]
     col_of: tuple[int, ...]
     box_of: tuple[int, ...]
+    units: tuple[tuple[int, int, int], ...]  # (row, col, box) of each cell
+    full_mask: int  # one bit per digit
+    unit_getters: tuple[Callable, ...]  # one itemgetter per row, column and box: the cells of a board string
 
     @property
     def cells(self) -> int:
         return self.size * self.size
-
-    @property
-    def full_mask(self) -> int:
-        return (1 << self.size) - 1
 
     def where(self, cell: int) -> str:
         return f"row {self.row_of[cell] + 1} col {self.col_of[cell] + 1}"
@@ -73,13 +74,12 @@ def geometry(size: int) -> Geometry:
     if size not in MIN_GENERATED_CLUES:
         raise InputError(f"data.size={size}: unsupported board size (fix: use 4 for 4x4 or 9 for 9x9)")
     cells = range(size * size)
-    return Geometry(
-        size=size,
-        box=box,
-        row_of=tuple(c // size for c in cells),
-        col_of=tuple(c % size for c in cells),
-        box_of=tuple((c // size // box) * box + (c % size) // box for c in cells),
-    )
+    row_of = tuple(c // size for c in cells)
+    col_of = tuple(c % size for c in cells)
+    box_of = tuple((r // box) * box + c // box for r, c in zip(row_of, col_of))
+    unit_cells = [[c for c in cells if of[c] == u] for of in (row_of, col_of, box_of) for u in range(size)]
+    getters = tuple(operator.itemgetter(*unit) for unit in unit_cells)
+    return Geometry(size, box, row_of, col_of, box_of, tuple(zip(row_of, col_of, box_of)), (1 << size) - 1, getters)
 
 
 def size_for_length(length: int) -> int | None:
@@ -98,7 +98,9 @@ def to_string(cells: Sequence[int]) -> str:
 # --------------------------------------------------------------------------------------------- solver
 
 
-def find_solutions(cells: Sequence[int], size: int, limit: int = 2, rng: random.Random | None = None) -> list[list[int]]:
+def find_solutions(
+    cells: Sequence[int], size: int, limit: int = 2, rng: random.Random | None = None
+) -> list[list[int]]:
     """Up to `limit` complete solutions of a board (0 = blank); [] when its clues conflict or it has none.
 
     Bitmask backtracking that always branches on the blank with the fewest candidates. With `rng`, candidate
@@ -113,25 +115,25 @@ def find_solutions(cells: Sequence[int], size: int, limit: int = 2, rng: random.
             empties.append(cell)
             continue
         bit = 1 << (digit - 1)
-        r, c, b = g.row_of[cell], g.col_of[cell], g.box_of[cell]
+        r, c, b = g.units[cell]
         if (rows[r] | cols[c] | boxes[b]) & bit:
             return []  # two equal clues share a unit
         rows[r] |= bit
         cols[c] |= bit
         boxes[b] |= bit
     found: list[list[int]] = []
-    _search(grid, rows, cols, boxes, empties, g, limit, found, rng)
+    _search(grid, rows, cols, boxes, empties, g.units, g.full_mask, limit, found, rng)
     return found
 
 
-def _search(grid, rows, cols, boxes, empties, g: Geometry, limit, found, rng) -> None:
+def _search(grid, rows, cols, boxes, empties, units, full, limit, found, rng) -> None:
     if not empties:
         found.append(grid.copy())
         return
-    row_of, col_of, box_of, full = g.row_of, g.col_of, g.box_of, g.full_mask
     best_i, best_mask, best_n = 0, 0, 99
     for i, cell in enumerate(empties):
-        mask = full & ~(rows[row_of[cell]] | cols[col_of[cell]] | boxes[box_of[cell]])
+        r, c, b = units[cell]
+        mask = full & ~(rows[r] | cols[c] | boxes[b])
         n = mask.bit_count()
         if n < best_n:
             best_i, best_mask, best_n = i, mask, n
@@ -142,20 +144,20 @@ def _search(grid, rows, cols, boxes, empties, g: Geometry, limit, found, rng) ->
     cell = empties[best_i]
     empties[best_i] = empties[-1]
     empties.pop()
-    r, c, b = row_of[cell], col_of[cell], box_of[cell]
+    r, c, b = units[cell]
     bits = []
     while best_mask:
         bit = best_mask & -best_mask
         bits.append(bit)
         best_mask ^= bit
-    if rng is not None:
+    if rng is not None and len(bits) > 1:
         rng.shuffle(bits)
     for bit in bits:
         grid[cell] = bit.bit_length()
         rows[r] |= bit
         cols[c] |= bit
         boxes[b] |= bit
-        _search(grid, rows, cols, boxes, empties, g, limit, found, rng)
+        _search(grid, rows, cols, boxes, empties, units, full, limit, found, rng)
         rows[r] ^= bit
         cols[c] ^= bit
         boxes[b] ^= bit
@@ -175,8 +177,19 @@ def count_solutions(puzzle: str, limit: int = 2) -> int:
 
 
 def random_solution(size: int, rng: random.Random) -> list[int]:
-    """A uniformly-seeded random complete grid (randomised backtracking from an empty board)."""
-    return find_solutions([0] * (size * size), size, limit=1, rng=rng)[0]
+    """A random complete grid: random digits in the diagonal boxes, then randomised backtracking for the rest."""
+    g = geometry(size)
+    while True:
+        grid = [0] * g.cells
+        # Diagonal boxes share no row, column or box, so any digit order in each is consistent; it spares the
+        # solver its most expensive part (choosing among 81 wide-open cells).
+        for k in range(g.box):
+            digits = rng.sample(range(1, size + 1), size)
+            for i, digit in enumerate(digits):
+                grid[(k * g.box + i // g.box) * size + k * g.box + i % g.box] = digit
+        found = find_solutions(grid, size, limit=1, rng=rng)
+        if found:
+            return found[0]
 
 
 # --------------------------------------------------------------------------------------------- generator
@@ -193,7 +206,8 @@ def check_clue_range(size: int, min_clues: int, max_clues: int) -> None:
         why = (
             "no 4x4 board with fewer than 4 clues has a unique solution"
             if size == 4
-            else "unique 9x9 boards with fewer than ~22 clues are too rare to generate at random (17 is the proven minimum)"
+            else "unique 9x9 boards with fewer than ~22 clues are too rare to generate at random "
+            "(17 is the proven minimum)"
         )
         raise InputError(f"data.min_clues={min_clues}: {why} (fix: data.min_clues>={floor} for size {size})")
     if max_clues > g.cells - 1:
@@ -206,7 +220,7 @@ def check_clue_range(size: int, min_clues: int, max_clues: int) -> None:
 
 
 def make_board(size: int, rng: random.Random, target_clues: int, max_clues: int) -> Board | None:
-    """One board with a unique solution and target_clues..max_clues clues, or None if this attempt overshot."""
+    """One board with a unique solution and target_clues..max_clues clues, or None if even a full trim overshot."""
     g = geometry(size)
     solution = random_solution(size, rng)
     order = list(range(g.cells))
@@ -215,9 +229,10 @@ def make_board(size: int, rng: random.Random, target_clues: int, max_clues: int)
     for cell in order[:target_clues]:
         puzzle[cell] = solution[cell]
     _repair_until_unique(puzzle, solution, size, rng)
-    _trim_toward(puzzle, target_clues, size, rng)
-    clues = g.cells - puzzle.count(0)
-    if clues > max_clues:
+    # A few tries per excess clue gets near the target; only past max_clues is every clue worth a solver call.
+    _trim_toward(puzzle, target_clues, size, rng, tries_per_excess_clue=3)
+    _trim_toward(puzzle, max_clues, size, rng, tries_per_excess_clue=g.cells)
+    if g.cells - puzzle.count(0) > max_clues:
         return None
     return Board(to_string(puzzle), to_string(solution))
 
@@ -233,15 +248,16 @@ def _repair_until_unique(puzzle: list[int], solution: list[int], size: int, rng:
         puzzle[cell] = solution[cell]
 
 
-def _trim_toward(puzzle: list[int], target_clues: int, size: int, rng: random.Random) -> None:
+def _trim_toward(
+    puzzle: list[int], target_clues: int, size: int, rng: random.Random, tries_per_excess_clue: int
+) -> None:
     """Drop clues (random order) while above `target_clues`, keeping only drops that leave the solution unique."""
     clue_cells = [cell for cell, d in enumerate(puzzle) if d]
     excess = len(clue_cells) - target_clues
     if excess <= 0:
         return
     rng.shuffle(clue_cells)
-    # Bounded: a few failed tries per excess clue, so a near-minimal board does not cost a solver call per clue.
-    for cell in clue_cells[: 3 * excess + 4]:
+    for cell in clue_cells[: tries_per_excess_clue * excess + 4]:
         digit = puzzle[cell]
         puzzle[cell] = 0
         if len(find_solutions(puzzle, size, limit=2)) != 1:
@@ -252,24 +268,25 @@ def _trim_toward(puzzle: list[int], target_clues: int, size: int, rng: random.Ra
             return
 
 
-def chunk_rng(seed: int, size: int, chunk_index: int) -> random.Random:
+def board_rng(seed: int, size: int, index: int) -> random.Random:
     # A string seed is hashed with SHA-512 by `random`: stable across runs and processes.
-    return random.Random(f"dg-sudoku/v{GENERATOR_VERSION}/size{size}/seed{seed}/chunk{chunk_index}")
+    return random.Random(f"dg-sudoku/v{GENERATOR_VERSION}/size{size}/seed{seed}/board{index}")
 
 
-def generate_chunk(size: int, min_clues: int, max_clues: int, seed: int, chunk_index: int, n: int = CHUNK_SIZE) -> list[Board]:
-    """Chunk `chunk_index` of the board stream for (size, clue range, seed): `n` boards, deterministic."""
-    rng = chunk_rng(seed, size, chunk_index)
-    boards: list[Board] = []
-    while len(boards) < n:
-        board = make_board(size, rng, rng.randint(min_clues, max_clues), max_clues)
-        if board is not None:
-            boards.append(board)
+def generate_range(size: int, min_clues: int, max_clues: int, seed: int, start: int, stop: int) -> list[Board]:
+    """Boards `start`..`stop-1` of the stream for (size, clue range, seed); board i depends on i alone."""
+    boards = []
+    for index in range(start, stop):
+        rng = board_rng(seed, size, index)
+        board = None
+        while board is None:  # an attempt that overshot max_clues retries with the same RNG: still deterministic
+            board = make_board(size, rng, rng.randint(min_clues, max_clues), max_clues)
+        boards.append(board)
     return boards
 
 
-def _generate_chunk_star(args: tuple) -> list[Board]:
-    return generate_chunk(*args)
+def _generate_range_star(args: tuple) -> list[Board]:
+    return generate_range(*args)
 
 
 def generate_boards(
@@ -284,7 +301,7 @@ def generate_boards(
 ) -> list[Board]:
     """`n` boards with distinct puzzles (none in `exclude`), each with a unique solution and clues in range.
 
-    The result is the first `n` new puzzles of the chunked board stream, so it is the same for any `workers`
+    The result is the first `n` new puzzles of the seeded board stream, so it is the same for any `workers`
     (None = all CPU cores), and a longer request extends a shorter one.
     """
     check_clue_range(size, min_clues, max_clues)
@@ -293,24 +310,26 @@ def generate_boards(
     workers = _resolve_workers(workers)
     seen = set(exclude)
     boards: list[Board] = []
-    next_chunk = 0
-    with _Progress(progress, f"generating {n:,} {size}x{size} boards", n) as bar, _pool(workers) as pool:
+    next_index = 0
+    # The pool forks before the progress bar starts its refresh thread.
+    with _pool(workers) as pool, _Progress(progress, f"generating {n:,} {size}x{size} boards", n) as bar:
         while len(boards) < n:
-            # Enough chunks for what is missing (+1 to absorb duplicates), at least one per worker.
-            missing = n - len(boards)
-            n_chunks = max(workers, math.ceil(missing / CHUNK_SIZE) + (1 if seen else 0))
-            args = [(size, min_clues, max_clues, seed, i) for i in range(next_chunk, next_chunk + n_chunks)]
-            next_chunk += n_chunks
-            results = pool.imap(_generate_chunk_star, args) if pool else map(_generate_chunk_star, args)
+            # The boards still missing (+1% to absorb duplicates), in tasks small enough to keep every worker busy.
+            want = n - len(boards) + (n - len(boards)) // 100 + 1
+            step = max(1, min(CHUNK_SIZE, math.ceil(want / workers)))
+            tasks = [(size, min_clues, max_clues, seed, i, min(i + step, next_index + want))
+                     for i in range(next_index, next_index + want, step)]
+            next_index += want
+            results = pool.imap(_generate_range_star, tasks) if pool else map(_generate_range_star, tasks)
             for chunk in results:
                 for board in chunk:
                     if len(boards) < n and board.puzzle not in seen:
                         seen.add(board.puzzle)
                         boards.append(board)
-                bar.advance(min(len(boards), n) - bar.completed)
+                bar.advance(len(boards) - bar.completed)
                 if len(boards) >= n:
                     break
-            if next_chunk > 1000 + 4 * math.ceil(n / CHUNK_SIZE):
+            if next_index > 20 * n + 10_000:
                 raise InputError(
                     f"could not find {n} distinct {size}x{size} puzzles with {min_clues}..{max_clues} clues "
                     f"(only {len(boards)}; fix: widen data.min_clues..data.max_clues or ask for fewer boards)"
@@ -320,7 +339,8 @@ def generate_boards(
 
 def _resolve_workers(workers: int | None) -> int:
     if workers is None or workers == 0:
-        return max(1, multiprocessing.cpu_count())
+        # The cores this process may run on (a container or taskset can allow fewer than the machine has).
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if workers < 0:
         raise InputError(f"data.workers={workers}: must be >= 1, or null for all CPU cores")
     return int(workers)
@@ -402,7 +422,7 @@ def validate_board(puzzle: str, solution: str, size: int | None = None) -> Board
     g = geometry(size)
     _check_characters("puzzle", puzzle, g, blanks_allowed=True)
     _check_characters("solution", solution, g, blanks_allowed=False)
-    _check_complete_grid(to_cells(solution), g)
+    _check_complete_grid(solution, g)
     for cell, (clue, answer) in enumerate(zip(puzzle, solution)):
         if clue != "0" and clue != answer:
             raise BoardError(
@@ -432,6 +452,8 @@ def _board_size(puzzle: str, solution: str, size: int | None) -> int:
 
 def _check_characters(name: str, board: str, g: Geometry, blanks_allowed: bool) -> None:
     allowed = set("123456789"[: g.size]) | ({"0"} if blanks_allowed else set())
+    if set(board) <= allowed:
+        return
     for cell, ch in enumerate(board):
         if ch in allowed:
             continue
@@ -442,7 +464,10 @@ def _check_characters(name: str, board: str, g: Geometry, blanks_allowed: bool) 
         raise BoardError(f"{name} has {what} at {g.where(cell)}", fix)
 
 
-def _check_complete_grid(cells: list[int], g: Geometry) -> None:
+def _check_complete_grid(solution: str, g: Geometry) -> None:
+    if all(len(set(cells_of(solution))) == g.size for cells_of in g.unit_getters):
+        return  # the common case; the loop below finds and names the first repeat
+    cells = to_cells(solution)
     units = (("row", g.row_of), ("col", g.col_of), ("box", g.box_of))
     for kind, unit_of in units:
         first_at: dict[tuple[int, int], int] = {}

@@ -1,0 +1,283 @@
+"""Where a stage's examples come from: `load_splits(data_cfg, tokenizer, run_dir, seed) -> Splits(train, val, eval)`.
+
+- kind=sudoku, no paths: generate n_eval + n_val + n_train boards with distinct puzzles into <run_dir>/data/
+  (eval.jsonl, val.jsonl, train.jsonl and params.json); a later call with the same parameters reuses the files.
+  The eval boards are the first of the seeded stream, so they stay the same when only n_train changes.
+- kind=sudoku with data.train_path and/or data.eval_path (Kaggle CSV or JSONL): read them; a missing eval file is
+  split off the training file (val always is), a missing training file is generated without the eval puzzles.
+- kind=chat: data.train_path (required) and data.eval_path (optional, else split off the training file).
+Val and eval never share a prompt (Sudoku: a puzzle) with train: duplicates are dropped from train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
+
+from dg_pipeline.core.errors import InputError
+from dg_pipeline.core.io import atomic_write_json, read_json
+from dg_pipeline.core.rundir import RunDir
+from dg_pipeline.data.examples import BoardCodec, Example, chat_examples, sudoku_example
+from dg_pipeline.data.readers import ChatRecord, read_boards, read_boards_jsonl, read_chat_jsonl, write_boards_jsonl
+from dg_pipeline.data.sudoku import (
+    GENERATOR_VERSION,
+    Board,
+    check_clue_range,
+    generate_boards,
+    geometry,
+    size_for_length,
+)
+
+log = logging.getLogger(__name__)
+KINDS = ("sudoku", "chat")
+SPLIT_FILES = {"train": "train.jsonl", "val": "val.jsonl", "eval": "eval.jsonl"}
+PARAMS_FILE = "params.json"
+
+T = TypeVar("T")
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    val: list[Example]
+    eval: list[Example]
+
+
+def load_splits(
+    data_cfg: Any, tokenizer: PreTrainedTokenizerBase, run_dir: RunDir | str | os.PathLike, seed: int
+) -> Splits:
+    """Train/val/eval Examples for `data_cfg` (the `data` config group; a DictConfig or a plain dict)."""
+    kind = _key(data_cfg, "kind")
+    data_dir = (run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))).data_dir()
+    if kind == "sudoku":
+        return _sudoku_splits(data_cfg, tokenizer, data_dir, seed)
+    if kind == "chat":
+        return _chat_splits(data_cfg, tokenizer, seed)
+    raise InputError(f"data.kind={kind!r}: unknown data kind (fix: use one of {list(KINDS)})")
+
+
+# --------------------------------------------------------------------------------------------- sudoku
+
+
+def _sudoku_splits(cfg: Any, tokenizer: PreTrainedTokenizerBase, data_dir: Path, seed: int) -> Splits:
+    codec = BoardCodec(tokenizer)
+    size = _key(cfg, "size")
+    train_path, eval_path = _key(cfg, "train_path"), _key(cfg, "eval_path")
+    n_train, n_val, n_eval = _count(cfg, "n_train"), _count(cfg, "n_val", 0), _count(cfg, "n_eval")
+
+    # An eval file gives its first n_eval rows (null = all).
+    eval_boards = read_boards(eval_path, size, limit=n_eval) if eval_path else None
+    if eval_boards:
+        size = size or size_for_length(len(eval_boards[0].puzzle))
+    if train_path:
+        train_boards = read_boards(train_path, size, limit=_rows_needed(n_train, n_val, n_eval, eval_path))
+        if train_boards:
+            size = size or size_for_length(len(train_boards[0].puzzle))
+            _check_prompt_length(cfg, codec, size)
+        eval_boards, val_boards, train_boards = split_disjoint(
+            train_boards, n_eval or 0, n_val, n_train, seed, _puzzle, held_out=eval_boards
+        )
+    else:
+        if size is None:
+            raise InputError("data.size is required to generate Sudoku boards (fix: data.size=4 or data.size=9)")
+        geometry(size)  # names data.size when it is not 4 or 9
+        _check_prompt_length(cfg, codec, size)
+        eval_boards, val_boards, train_boards = _generated_splits(
+            cfg, size, n_train, n_val, n_eval or 0, eval_boards, data_dir, seed
+        )
+    splits = Splits(*([sudoku_example(b, codec) for b in boards] for boards in (train_boards, val_boards, eval_boards)))
+    _check_not_empty(splits, train_path or "the generated data")
+    return splits
+
+
+def _rows_needed(n_train: int | None, n_val: int, n_eval: int | None, eval_path: Any) -> int | None:
+    """Rows to read from a training file (in file order): all of them unless every split has a count."""
+    if n_train is None:
+        return None
+    if eval_path:
+        return n_train + n_val
+    return None if n_eval is None else n_train + n_val + n_eval
+
+
+def _generated_splits(
+    cfg: Any,
+    size: int,
+    n_train: int | None,
+    n_val: int,
+    n_eval: int,
+    eval_boards: list[Board] | None,
+    data_dir: Path,
+    seed: int,
+) -> tuple[list[Board], list[Board], list[Board]]:
+    """(eval, val, train) boards generated into data_dir, or reused from it when the parameters match.
+
+    With `eval_boards` (from data.eval_path) only val and train are generated, avoiding those puzzles."""
+    if n_train is None:
+        raise InputError("data.n_train is required to generate Sudoku boards (fix: e.g. data.n_train=20000)")
+    min_clues, max_clues, workers = _key(cfg, "min_clues"), _key(cfg, "max_clues"), _key(cfg, "workers", 1)
+    check_clue_range(size, min_clues, max_clues)
+    held_out = [b.puzzle for b in eval_boards] if eval_boards is not None else None
+    params = {
+        "generator_version": GENERATOR_VERSION,
+        "size": size,
+        "min_clues": min_clues,
+        "max_clues": max_clues,
+        "seed": seed,
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_eval": None if held_out is not None else n_eval,
+        # Generated boards avoid the puzzles of data.eval_path; a different eval file means different boards.
+        "held_out_sha256": _digest(held_out) if held_out is not None else None,
+    }
+    names = ["val", "train"] if held_out is not None else ["eval", "val", "train"]
+    counts = {"eval": n_eval, "val": n_val, "train": n_train}
+    files = {name: data_dir / SPLIT_FILES[name] for name in names}
+    loaded = None
+    if _reusable(data_dir / PARAMS_FILE, params, files.values()):
+        loaded = {name: read_boards_jsonl(path, size) for name, path in files.items()}
+        if any(len(loaded[name]) != counts[name] for name in names):
+            loaded = None  # a file edited since: regenerate
+        else:
+            log.info("reusing generated Sudoku boards in %s", data_dir)
+    if loaded is None:
+        # Until params.json is rewritten, the files on disk belong to no parameter set.
+        (data_dir / PARAMS_FILE).unlink(missing_ok=True)
+        boards = generate_boards(
+            size, sum(counts[n] for n in names), min_clues, max_clues, seed,
+            workers=workers, exclude=held_out or (), progress=True,
+        )
+        loaded, start = {}, 0
+        for name in names:
+            loaded[name] = boards[start : start + counts[name]]
+            start += counts[name]
+            write_boards_jsonl(files[name], loaded[name])
+        atomic_write_json(data_dir / PARAMS_FILE, params)  # last: its presence marks the set complete
+        log.info("generated %d Sudoku boards into %s", len(boards), data_dir)
+    return (eval_boards if held_out is not None else loaded["eval"]), loaded["val"], loaded["train"]
+
+
+def _reusable(params_path: Path, params: dict, files) -> bool:
+    if not params_path.is_file() or not all(f.is_file() for f in files):
+        return False
+    try:
+        return read_json(params_path) == params
+    except InputError:
+        return False  # a damaged params file: regenerate
+
+
+def _check_prompt_length(cfg: Any, codec: BoardCodec, size: int) -> None:
+    limit = _key(cfg, "max_prompt_length")
+    needed = codec.prompt_length(size)
+    if limit is not None and needed > limit:
+        raise InputError(
+            f"data.max_prompt_length={limit}: a {size}x{size} prompt is {needed} tokens (<bos> + {size * size} "
+            f"cells + <sep>) (fix: data.max_prompt_length>={needed})"
+        )
+
+
+def _puzzle(board: Board) -> str:
+    return board.puzzle
+
+
+def _digest(puzzles: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(puzzles)).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- chat
+
+
+def _chat_splits(cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: int) -> Splits:
+    train_path, eval_path = _key(cfg, "train_path"), _key(cfg, "eval_path")
+    if not train_path:
+        raise InputError(
+            "data.train_path is required for recipe=chat (data.kind=chat): a JSONL file of "
+            '{"prompt","completion"} or {"messages": [...]} rows (fix: add data.train_path=/path/to/train.jsonl)'
+        )
+    n_train, n_val, n_eval = _count(cfg, "n_train"), _count(cfg, "n_val", 0), _count(cfg, "n_eval")
+    held_out = read_chat_jsonl(eval_path, limit=n_eval) if eval_path else None
+    records = read_chat_jsonl(train_path, limit=_rows_needed(n_train, n_val, n_eval, eval_path))
+    eval_records, val_records, train_records = split_disjoint(
+        records, n_eval or 0, n_val, n_train, seed, _prompt_key, held_out=held_out
+    )
+    max_prompt_length = _key(cfg, "max_prompt_length")
+    use_template = bool(_key(cfg, "chat_template", True))
+    splits = Splits(
+        *(
+            chat_examples(records, tokenizer, max_prompt_length, use_template)
+            for records in (train_records, val_records, eval_records)
+        )
+    )
+    _check_not_empty(splits, train_path)
+    return splits
+
+
+def _prompt_key(record: ChatRecord) -> str:
+    return json.dumps(record.prompt_messages, sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------- shared
+
+
+def split_disjoint(
+    items: Sequence[T],
+    n_eval: int,
+    n_val: int,
+    n_train: int | None,
+    seed: int,
+    key: Callable[[T], str],
+    held_out: Sequence[T] | None = None,
+) -> tuple[list[T], list[T], list[T]]:
+    """(eval, val, train) with no key in two splits: dedupe `items` by key (first kept), drop `held_out` keys,
+    shuffle with `seed`, then eval (unless `held_out` is the eval set), val, and up to n_train (None = all) train."""
+    held_keys = {key(x) for x in held_out} if held_out is not None else set()
+    seen, unique = set(held_keys), []
+    for item in items:
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
+            unique.append(item)
+    random.Random(seed).shuffle(unique)
+    if held_out is not None:
+        eval_items, rest = list(held_out), unique
+    else:
+        eval_items, rest = unique[:n_eval], unique[n_eval:]
+    val_items, train_items = rest[:n_val], rest[n_val:]
+    if n_train is not None:
+        train_items = train_items[:n_train]
+    dropped = len(items) - len(unique)
+    if dropped:
+        log.info("dropped %d rows whose prompt repeats an earlier row or an eval row", dropped)
+    return eval_items, val_items, train_items
+
+
+def _check_not_empty(splits: Splits, source: Any) -> None:
+    if not splits.train:
+        raise InputError(
+            f"{source}: no training rows left after taking {len(splits.eval)} eval and {len(splits.val)} val rows "
+            "(fix: lower data.n_eval / data.n_val, or give more rows)"
+        )
+
+
+def _count(cfg: Any, name: str, default: int | None = None) -> int | None:
+    value = _key(cfg, name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InputError(f"data.{name}={value!r}: must be a non-negative integer (or null)")
+    return value
+
+
+def _key(cfg: Any, name: str, default: Any = None) -> Any:
+    """cfg.name for a DictConfig or a dict; a missing (`???`) or absent key reads as `default`."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.select(cfg, name, default=default, throw_on_missing=False)
+    return cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
