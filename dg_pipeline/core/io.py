@@ -56,6 +56,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = True) -> Iterator[Pa
 
         raise InputError(f"{target} already exists; pass overwrite=true (export.overwrite=true) to replace it")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; a served bundle must be readable by others
     try:
         yield tmp
         if target.exists():

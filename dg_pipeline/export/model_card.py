@@ -1,0 +1,156 @@
+"""The release bundle's README.md: what the checkpoint is, how it was made and verified, and how to serve it.
+
+`render_model_card` only formats; the export stage gathers the facts (`ModelCardFacts`) from the run: provenance
+from the config and quant.json, every stage's verify.json (rendered by dg_pipeline.verify's markdown table), the
+sampler settings from generation_config.json, and the quantization block from hf_quant_config.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from dg_pipeline.core.io import read_json
+from dg_pipeline.export.formats import GENERATION_CONFIG, HF_QUANT_CONFIG, MANIFEST
+
+# The sampler keys shown in the card, in the order vLLM's docs list them.
+CARD_SAMPLER_KEYS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+                     "confidence_threshold")
+
+
+@dataclass
+class ModelCardFacts:
+    name: str  # the export's name (fp8, nvfp4, bf16, ...)
+    export_dir: Path
+    base: str  # base weights: a local dir or a named random init
+    recipe: str
+    data: str
+    objective: str
+    canvas_length: int
+    parameters: int | None = None
+    quant_details: Mapping[str, Any] = field(default_factory=dict)  # from quant.json (calibration, kv cache, ...)
+    verify_records: Mapping[str, Mapping] = field(default_factory=dict)  # stage label -> verify.json record
+    dtype: str = "bfloat16"
+
+
+def sampler_settings(export_dir: Path) -> dict[str, Any]:
+    gen = read_json(export_dir / GENERATION_CONFIG)
+    settings = {k: gen.get(k) for k in CARD_SAMPLER_KEYS if k != "entropy_bound"}
+    settings["entropy_bound"] = (gen.get("sampler_config") or {}).get("entropy_bound")
+    return {k: settings.get(k) for k in CARD_SAMPLER_KEYS}
+
+
+def vllm_command(export_dir: str, canvas_length: int) -> str:
+    return (f"vllm serve {export_dir} --diffusion-config '{{\"canvas_length\": {canvas_length}}}' "
+            f"--generation-config {export_dir}")
+
+
+def trtllm_command(export_dir: str) -> str:
+    return f"trtllm-serve {export_dir} --backend pytorch"
+
+
+def quantization_summary(export_dir: Path) -> dict[str, Any] | None:
+    path = export_dir / HF_QUANT_CONFIG
+    if not path.exists():
+        return None
+    hf = read_json(path)
+    return {**hf.get("quantization", {}), "producer": hf.get("producer", {})}
+
+
+def render_model_card(facts: ModelCardFacts) -> str:
+    from dg_pipeline.verify.report import stages_markdown
+
+    quant = quantization_summary(facts.export_dir)
+    fmt = quant["quant_algo"] if quant else f"none ({facts.dtype})"
+    lines = [
+        f"# DiffusionGemma `{facts.name}`: block-diffusion language model ({fmt})",
+        "",
+        "A DiffusionGemma checkpoint (`DiffusionGemmaForBlockDiffusion`): one set of weights run as a causal "
+        "encoder (prompt prefill, block commits) and a bidirectional decoder that denoises a canvas of "
+        f"{facts.canvas_length} tokens per block. Produced and verified by `dg_pipeline`.",
+        "",
+        "## Provenance",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base weights | {facts.base} |",
+        f"| recipe | {facts.recipe} |",
+        f"| data | {facts.data} |",
+        f"| training objective | {facts.objective} |",
+        f"| canvas length | {facts.canvas_length} |",
+    ]
+    if facts.parameters:
+        lines.append(f"| parameters | {facts.parameters:,} (tied encoder/decoder counted once) |")
+    lines.append(f"| weight format | {fmt} |")
+    if quant:
+        producer = quant.get("producer") or {}
+        lines += [
+            f"| quantizer | {producer.get('name', '?')} {producer.get('version', '')} |",
+            f"| KV cache | {quant.get('kv_cache_quant_algo') or 'not quantized'} |",
+        ]
+        if quant.get("group_size"):
+            lines.append(f"| block size | {quant['group_size']} |")
+        lines.append(f"| kept unquantized | {', '.join(f'`{m}`' for m in quant.get('exclude_modules', []))} |")
+    for key, value in facts.quant_details.items():
+        lines.append(f"| {key} | {value} |")
+    lines += ["", "## Verification gates", ""]
+    if facts.verify_records:
+        lines += [
+            "Every stage ends with a gate (task accuracy + throughput, `verify.json`). `export/...` is this "
+            "checkpoint reloaded from its files (weights dequantized in plain torch, activations unquantized), "
+            "so it checks the files, not the fake-quantized model. Throughputs are measured on the device "
+            "named in each row (a CPU host measures emulation, not serving speed).",
+            "",
+            stages_markdown(dict(facts.verify_records)).rstrip(),
+        ]
+    else:
+        lines.append("No verify.json was found in the run directory.")
+    sampler = sampler_settings(facts.export_dir)
+    lines += [
+        "",
+        "## Sampler defaults (`generation_config.json`)",
+        "",
+        "| key | value |",
+        "|---|---|",
+        *[f"| `{k}` | {v} |" for k, v in sampler.items()],
+        "",
+        "Denoising: temperature falls linearly from `t_max` to `t_min` over at most `max_denoising_steps` steps; "
+        "the entropy-bound sampler accepts the lowest-entropy positions within `entropy_bound` and re-noises the "
+        "rest; a block stops early once it is stable for `stability_threshold` steps and its mean entropy is "
+        "below `confidence_threshold`.",
+        "",
+        "## Serve",
+        "",
+        "vLLM (OpenAI-compatible server on port 8000):",
+        "",
+        "```bash",
+        vllm_command("<this dir>", facts.canvas_length),
+        "# or, with the bundle checked first:  export/serve_vllm.sh <this dir>",
+        "```",
+        "",
+        "TensorRT-LLM, PyTorch backend:",
+        "",
+        "```bash",
+        trtllm_command("<this dir>"),
+        "# or, with the bundle checked first:  export/serve_trtllm.sh <this dir>",
+        "```",
+        "",
+        "## Files",
+        "",
+        "- `config.json` (`architectures: [\"DiffusionGemmaForBlockDiffusion\"]`"
+        + (", `quantization_config`" if quant else "") + "), "
+        + ("`hf_quant_config.json`, " if quant else "")
+        + "`generation_config.json`, `model.safetensors`, tokenizer files.",
+        "- The encoder and decoder share their weights: each is stored once, under `model.decoder.*`; `lm_head` is "
+        "the embedding table (`model.decoder.embed_tokens.weight`).",
+    ]
+    if quant:
+        lines.append("- MoE experts are stored per expert: `...experts.<E>.{gate,up,down}_proj.{weight, weight_scale"
+                     + (", weight_scale_2" if quant.get("quant_algo") == "NVFP4" else "") + ", input_scale}`.")
+    lines += [
+        f"- `{MANIFEST}` holds the sha256 of every file; `python -m dg_pipeline stage=check input=<this dir>` "
+        "re-checks the loader rules and the hashes.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""Stage `check`: apply the loader rules (dg_pipeline.export.checker, export/FORMAT.md) to exported directories.
+
+    python -m dg_pipeline stage=check input=<exported dir>      one directory (any producer, not only this one)
+    python -m dg_pipeline stage=check run_dir=<dir>             every <run_dir>/export/<name>/
+
+Prints one line per directory; on any violation raises CheckFailed, whose message lists EVERY violation (tensor or
+file, rule, fix), one per line, and the entry point exits 1. Writes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+from rich.console import Console
+
+from dg_pipeline.core import InputError, RunDir
+from dg_pipeline.export import CheckFailed, check_export
+from dg_pipeline.export.formats import MANIFEST
+
+STAGE = "check"
+console = Console()
+
+
+def export_dirs(cfg: DictConfig) -> list[Path]:
+    """input= if given, else every exported dir under <run_dir>/export/."""
+    explicit = cfg.get("input")
+    if explicit:
+        path = Path(str(explicit)).expanduser().resolve()
+        if not path.is_dir():
+            raise InputError(f"input={explicit}: directory not found; point input= at an exported checkpoint dir")
+        return [path]
+    root = RunDir.from_cfg(cfg).stage("export")
+    dirs = sorted(p for p in root.glob("*") if p.is_dir() and (p / "config.json").exists()) if root.is_dir() else []
+    if not dirs:
+        raise InputError(f"stage=check found no exported dir under {root}: run `stage=export run_dir="
+                         f"{root.parent}` first, or pass input=<exported dir>")
+    return dirs
+
+
+def run(cfg: DictConfig) -> dict:
+    failed: dict[Path, list] = {}
+    results = {}
+    for path in export_dirs(cfg):
+        violations = check_export(path)
+        results[str(path)] = [str(v) for v in violations]
+        note = "" if (path / MANIFEST).exists() else f" (no {MANIFEST}: file hashes not verified)"
+        if violations:
+            failed[path] = violations
+            console.print(f"[bold red]FAIL[/] {path}: {len(violations)} violation(s){note}")
+        else:
+            console.print(f"[green]PASS[/] {path}: vLLM / TensorRT-LLM loader rules hold{note}")
+    if failed:
+        raise CheckFailed(failed)
+    return {"stage": STAGE, "checked": results, "passed": True}

@@ -1,0 +1,145 @@
+"""Stages export and check, end to end on a tiny model: a real quantize output -> a bundle that passes the
+loader rules, reloads in plain torch and passes its gate; an existing bundle is never overwritten by accident;
+a bundle breaking a loader rule is never published; stage=check reports every violation and fails."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from dg_pipeline.core.errors import InputError
+from dg_pipeline.data.tokenizer import build_board_tokenizer
+from dg_pipeline.export import CheckFailed, check_export, load_export
+from dg_pipeline.model import build_model, save_model
+
+# Small enough for 2 CPU cores: a tiny untrained model, 4 eval boards, 4 denoising steps.
+FAST = [
+    "model=tiny", "logger=none", "device=cpu",
+    "data.n_train=32", "data.n_val=4", "data.n_eval=4",
+    "calib.n_samples=4", "calib.batch_size=4", "verify.batch_size=4", "sampler.max_denoising_steps=4",
+    "verify.ar_baseline=false", "verify.plots=false",
+]
+
+
+def new_run(root: Path) -> Path:
+    """A run with an 'SFT' model dir (a tiny random model: the stages do not care that it is untrained)."""
+    tokenizer = build_board_tokenizer()
+    save_model(build_model("tiny", tokenizer, 32, seed=0), tokenizer, root / "sft" / "model")
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return new_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def stage_cfg():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    conf = str(Path(__file__).resolve().parents[1] / "conf")
+
+    def _compose(run_dir: Path, *overrides: str):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=conf, version_base=None):
+            return compose(config_name="config", overrides=[f"run_dir={run_dir}", *FAST, *overrides])
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="module")
+def fp8_bundle(run_dir, stage_cfg) -> tuple[Path, dict]:
+    from dg_pipeline.stages import export, quantize
+
+    quantize.run(stage_cfg(run_dir, "stage=quantize", "quant=fp8"))
+    summary = export.run(stage_cfg(run_dir, "stage=export", "quant=fp8"))
+    return run_dir / "export" / "fp8", summary
+
+
+def test_export_of_a_quantize_output_is_a_checked_reloadable_release(fp8_bundle, run_dir):
+    bundle, summary = fp8_bundle
+    assert summary["quant_algo"] == "FP8" and summary["passed"]
+    assert check_export(bundle) == []
+    reloaded = load_export(bundle)  # verifies manifest.json first
+    assert reloaded.dequantized_linears > 0
+    names = {p.name for p in bundle.iterdir()}
+    assert {"config.json", "hf_quant_config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "README.md", "manifest.json", "verify.json"} <= names
+    # the reload-parity gate is measured against the quantize stage's gate, and both are reported
+    record = json.loads((bundle / "verify.json").read_text())
+    quantized = json.loads((run_dir / "quantize" / "fp8" / "verify.json").read_text())
+    assert record["reference"]["accuracy"] == quantized["accuracy"] == summary["reference_accuracy"]
+    assert {c["name"] for c in record["checks"]} >= {"max_accuracy_drop"}
+    assert not any(p.name.startswith(".") for p in bundle.parent.iterdir())  # no temp dir left behind
+
+
+def test_the_model_card_has_provenance_gates_sampler_and_serve_commands(fp8_bundle):
+    bundle, _ = fp8_bundle
+    card = (bundle / "README.md").read_text()
+    assert "vllm serve <this dir> --diffusion-config '{\"canvas_length\": 32}' --generation-config <this dir>" in card
+    assert "trtllm-serve <this dir> --backend pytorch" in card
+    assert "| quantize/fp8 (sim) |" in card and "| export/fp8 (sim) |" in card
+    assert "| `max_denoising_steps` | 4 |" in card  # sampler.* overrides land in the release's generation config
+    assert "random init of the `tiny` shape" in card or "base weights" in card
+
+
+def test_an_existing_export_is_refused_without_overwrite(fp8_bundle, run_dir, stage_cfg):
+    from dg_pipeline.stages import export
+
+    bundle, _ = fp8_bundle
+    before = (bundle / "manifest.json").read_text()
+    with pytest.raises(InputError, match="already exists; pass export.overwrite=true"):
+        export.run(stage_cfg(run_dir, "stage=export", "quant=fp8"))
+    assert (bundle / "manifest.json").read_text() == before
+
+
+def test_a_bundle_breaking_a_loader_rule_is_not_published(tmp_path, stage_cfg):
+    """A quantized self-conditioning block cannot load in vLLM: the export refuses and leaves nothing behind."""
+    from dg_pipeline.stages import export, quantize
+
+    run_dir = new_run(tmp_path)
+    quantize.run(stage_cfg(run_dir, "stage=quantize", "quant=fp8", "quant.self_conditioning=true"))
+    with pytest.raises(CheckFailed) as failed:
+        export.run(stage_cfg(run_dir, "stage=export", "quant=fp8", "export.name=sc_quantized"))
+    assert "model.decoder.self_conditioning.gate_proj.weight: is quantized (FP8) but must stay unquantized" in str(
+        failed.value)
+    assert not (run_dir / "export" / "sc_quantized").exists()
+    assert not any(p.name.startswith(".sc_quantized") for p in (run_dir / "export").iterdir())
+
+
+def test_check_stage_passes_a_good_bundle_and_lists_every_violation_of_a_bad_one(fp8_bundle, stage_cfg, tmp_path):
+    import shutil
+
+    from dg_pipeline.stages import check
+
+    bundle, _ = fp8_bundle
+    assert check.run(stage_cfg(bundle.parent.parent, "stage=check"))["passed"]
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    (bad / "tokenizer.json").unlink()
+    gen = json.loads((bad / "generation_config.json").read_text())
+    del gen["confidence_threshold"]
+    (bad / "generation_config.json").write_text(json.dumps(gen))
+    with pytest.raises(CheckFailed) as failed:
+        check.run(stage_cfg(tmp_path, "stage=check", f"input={bad}"))
+    message = str(failed.value)
+    for expected in ("generation_config.json:confidence_threshold", "tokenizer.json / tokenizer.model",
+                     "tokenizer.json: listed in manifest.json but missing"):
+        assert expected in message
+    assert re.search(r"generation_config\.json: (size \d+ bytes|sha256 differs)", message)
+
+
+def test_bf16_export_of_the_sft_model_is_an_unquantized_release(run_dir, stage_cfg):
+    from dg_pipeline.stages import export
+
+    summary = export.run(stage_cfg(run_dir, "stage=export", "export=bf16"))
+    bundle = run_dir / "export" / "bf16"
+    assert summary["quant_algo"] is None
+    assert not (bundle / "hf_quant_config.json").exists()
+    assert "quantization_config" not in json.loads((bundle / "config.json").read_text())
+    assert check_export(bundle) == []
