@@ -48,7 +48,9 @@ def _output_and_upstream(cfg: DictConfig, rd: RunDir, stage: str, variant: str |
     if stage == "eval":
         return rd.stage("eval"), None, ("sft", None)
     if stage == "quantize":
-        fmt = variant or str(cfg.quant.name)
+        from dg_pipeline.stages.quantize import output_name
+
+        fmt = variant or output_name(cfg)
         return rd.stage("quantize") / fmt, fmt, ("sft", None)
     if stage == "export":
         name = variant or str(cfg.export.name or (cfg.quant.name if cfg.export.format == "hf" else "bf16"))

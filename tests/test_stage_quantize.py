@@ -1,0 +1,87 @@
+"""stage=quantize end to end on a tiny DiffusionGemma: artifacts, quant.json, the gate, mto.restore, bad input."""
+
+import json
+import shutil
+
+import pytest
+
+from dg_pipeline.core import RunDir
+from dg_pipeline.core.errors import GateFailed, InputError
+from dg_pipeline.data import load_splits
+from dg_pipeline.data.tokenizer import build_board_tokenizer
+from dg_pipeline.model import build_model, load_model, save_model
+from dg_pipeline.quant import LogitsErrorProbe, restore_quantized
+
+FAST = [
+    "model=tiny", "device=cpu", "logger=none",
+    "data.n_train=16", "data.n_val=0", "data.n_eval=4",
+    "calib.n_samples=4", "calib.batch_size=4", "quant.probe_prompts=2",
+    "sampler.max_denoising_steps=4",
+    "verify.ar_baseline=false", "verify.speed_examples=1", "verify.plots=false",
+]
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    tokenizer = build_board_tokenizer()
+    out = tmp_path_factory.mktemp("sft") / "model"
+    save_model(build_model("tiny", tokenizer, canvas_length=32, seed=0), tokenizer, out)
+    return out
+
+
+def run_quantize(compose_cfg, run_dir, *overrides):
+    from dg_pipeline.stages import quantize
+
+    return quantize.run(compose_cfg("stage=quantize", f"run_dir={run_dir}", *FAST, *overrides))
+
+
+def test_fp8_writes_the_modelopt_state_quant_json_and_a_simulated_gate_and_restores_onto_the_sft_model(
+    compose_cfg, sft_dir, tmp_path
+):
+    run_quantize(compose_cfg, tmp_path, "quant=fp8", f"input={sft_dir}")
+    out = tmp_path / "quantize" / "fp8"
+    assert {"modelopt_state.pth", "quant.json", "verify.json", ".quant_summary.txt"} <= {p.name for p in out.iterdir()}
+
+    record = json.loads((out / "quant.json").read_text())
+    assert record["format"] == "fp8" and record["kv_cache"] == "none" and record["base_model_dir"] == str(sft_dir)
+    assert record["calibration"]["mode"] == "diffusion" and record["calibration"]["n_samples"] == 4
+    assert record["calibration"]["passes"]["self_conditioned_passes"] > 0 and record["calibration_seconds"] > 0
+    assert record["experts"]["covered"] == record["experts"]["experts"] == 8
+    assert "*lm_head*" in record["exclusions"] and "*self_conditioning*" in record["exclusions"]
+    assert "model.decoder.self_conditioning.gate_proj" in record["excluded_modules"]
+    assert 0 < record["logits_relative_error"] < 1
+
+    verify = json.loads((out / "verify.json").read_text())
+    assert verify["stage"] == "quantize" and verify["simulated"] is True and verify["quant"] == "fp8"
+
+    # mto.restore onto the SFT model reproduces the calibrated model: the same probe gives the recorded error.
+    model, tokenizer, _ = restore_quantized(out)
+    base, _ = load_model(sft_dir)
+    cfg = compose_cfg(*FAST, f"run_dir={tmp_path}")
+    prompts = [e.prompt_ids for e in load_splits(cfg.data, tokenizer, RunDir(tmp_path), int(cfg.seed)).eval[:2]]
+    probe = LogitsErrorProbe(base, prompts, int(cfg.seed))
+    assert probe.error(model)["logits_relative_error"] == pytest.approx(record["logits_relative_error"], rel=1e-6)
+
+
+def test_nvfp4_below_the_sft_accuracy_fails_the_gate_after_writing_verify_json(compose_cfg, sft_dir, tmp_path):
+    # An SFT record the random tiny model cannot match: the drop check (quant.max_accuracy_drop=0.02) must fail.
+    sft_record = {"stage": "sft", "metric": "solved", "accuracy": 1.0}
+    shutil.copytree(sft_dir, tmp_path / "sft" / "model")
+    (tmp_path / "sft" / "verify.json").write_text(json.dumps(sft_record))
+    with pytest.raises(GateFailed):
+        run_quantize(compose_cfg, tmp_path, "quant=nvfp4")
+    out = tmp_path / "quantize" / "nvfp4"
+    verify = json.loads((out / "verify.json").read_text())
+    drop = [c for c in verify["checks"] if "drop" in c["name"]]
+    assert verify["passed"] is False and drop and drop[0]["threshold"] == 0.02
+    assert json.loads((out / "quant.json").read_text())["nvfp4_backend"] == "dg_nvfp4_emulated"
+
+
+def test_text_calibration_of_quantized_self_conditioning_is_refused(compose_cfg, sft_dir, tmp_path):
+    with pytest.raises(InputError, match="calib.mode=diffusion or quant.self_conditioning=false"):
+        run_quantize(compose_cfg, tmp_path, "quant=fp8", "calib=text", "quant.self_conditioning=true", f"input={sft_dir}")
+
+
+def test_without_an_sft_model_the_error_names_the_stage_to_run(compose_cfg, tmp_path):
+    with pytest.raises(InputError, match="stage=sft"):
+        run_quantize(compose_cfg, tmp_path, "quant=fp8")
