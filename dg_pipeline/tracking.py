@@ -71,6 +71,7 @@ def track_stage(
             name=f"{stage}-{variant}" if variant else stage,
             config=OmegaConf.to_container(cfg, resolve=True),
         )
+    run_path = getattr(run.settings, "sync_dir", None) or run_dir / "wandb"
     try:
         run.config.update({"derived_from": upstream}, allow_val_change=True)
         if record:
@@ -93,4 +94,6 @@ def track_stage(
             # The stage's own logger (Lightning's WandbLogger in sft) opened the run; close it with the stage.
             wandb.finish()
     os.environ.pop("WANDB_RUN_ID", None)
+    hint = f" (upload later: wandb sync {run_path})" if mode == "offline" else ""
+    print(f"[wandb] {stage}{'/' + variant if variant else ''}: metrics + artifact {name} logged{hint}")
     return name
