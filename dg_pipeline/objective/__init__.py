@@ -1,1 +1,22 @@
-"""objective component (see docs/ARCHITECTURE.md)."""
+"""Objectives: corruption (uniform, mask), the decoder's training attention masks, and the losses.
+
+`build_objective(cfg.objective, tokenizer)` -> an object with `loss(model, batch, generator) -> LossOutput`.
+"""
+
+from dg_pipeline.objective.losses import (
+    BlockDiffusionObjective,
+    EncoderARObjective,
+    LossOutput,
+    MaskedObjective,
+    UniformObjective,
+    build_objective,
+)
+
+__all__ = [
+    "BlockDiffusionObjective",
+    "EncoderARObjective",
+    "LossOutput",
+    "MaskedObjective",
+    "UniformObjective",
+    "build_objective",
+]

@@ -1,0 +1,23 @@
+"""Stage `pretrain`: the shared weights trained as a causal LM only (the encoder AR loss; no decoder pass), for
+trainer.pretrain_steps steps on the recipe's data.
+
+input=<dir>, else <run_dir>/base/model -> <run_dir>/pretrain/model/ (+ training.json, verify.json, exp/), which
+stage=sft then starts from. Skipped when the output exists, unless force=true.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from dg_pipeline.core.errors import InputError
+from dg_pipeline.stages.sft import run_training_stage
+
+STAGE = "pretrain"
+
+
+def run(cfg: DictConfig) -> dict:
+    steps = int(cfg.trainer.get("pretrain_steps", 0) or 0)
+    if steps <= 0:
+        raise InputError(f"trainer.pretrain_steps={steps}: stage=pretrain needs a positive number of steps "
+                         f"(e.g. trainer.pretrain_steps=200)")
+    return run_training_stage(cfg, STAGE, max_steps=steps, ar_only=True)

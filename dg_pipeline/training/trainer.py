@@ -1,0 +1,293 @@
+"""The Lightning Trainer wired through NeMo's exp_manager, and `fit`: the one call a training stage makes.
+
+exp_manager owns the experiment dir <run_dir>/<stage>/exp (explicit_log_dir): checkpoints (top-1 by val/loss +
+last), resume (trainer.resume_if_exists), the W&B logger (offline by default, files under <run_dir>/wandb), EMA
+(trainer.ema) and step timing. Scale-out only through Lightning strategies: trainer.devices / num_nodes /
+strategy = auto | ddp | fsdp (Lightning's ModelParallelStrategy; the module shards itself in configure_model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from dg_pipeline.core.errors import InputError
+from dg_pipeline.core.io import atomic_write_json
+from dg_pipeline.data.collate import Collator, ExampleDataset
+from dg_pipeline.training.callbacks import TokensPerSecond, progress_bar
+from dg_pipeline.objective import build_objective
+from dg_pipeline.training.lora import apply_lora, merge_lora
+from dg_pipeline.training.module import (
+    BlockDiffusionModule,
+    OptimConfig,
+    freeze_router,
+    freeze_vision,
+)
+
+EXP_DIR_NAME = "exp"
+CHECKPOINT_MONITOR = "val/loss"
+FINGERPRINT_FILE = "dg_fingerprint.json"
+
+
+@dataclass
+class TrainingResult:
+    """The training figures a stage records (training.json) next to its gate."""
+
+    steps: int
+    final_train_loss: float | None
+    val_loss: float | None
+    val_diffusion_loss: float | None
+    val_ar_loss: float | None
+    val_acc_t1: float | None
+    val_acc_t05: float | None
+    val_answer_acc_t1: float | None
+    val_answer_acc_t05: float | None
+    tokens_per_second: float
+    wall_seconds: float
+    exp_dir: str
+    resumed_from: str | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- data loaders
+
+
+def make_loaders(train_examples: Sequence, val_examples: Sequence, trainer_cfg, canvas_length: int, pad_id: int,
+                 seed: int) -> tuple[DataLoader, DataLoader | None]:
+    """Shuffled training loader (seeded) and an ordered validation loader over lists of `Example`s."""
+    if len(train_examples) == 0:
+        raise InputError("the training split is empty: check data.n_train / data.train_path")
+    collate_fn = Collator(canvas_length=canvas_length, pad_id=pad_id)
+    batch_size = int(trainer_cfg.batch_size)
+    if batch_size <= 0:
+        raise InputError(f"trainer.batch_size={batch_size}: must be a positive integer")
+    train = DataLoader(
+        ExampleDataset(train_examples), batch_size=batch_size, shuffle=True, drop_last=len(train_examples) >= batch_size,
+        collate_fn=collate_fn, num_workers=int(trainer_cfg.num_workers),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    val = None
+    if len(val_examples):
+        val = DataLoader(ExampleDataset(val_examples), batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+                         num_workers=int(trainer_cfg.num_workers))
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------- trainer
+
+
+def resolve_accelerator(trainer_cfg, device: str | None) -> str:
+    """cfg.device (cpu | cuda | auto) wins over trainer.accelerator when it names a device."""
+    if device == "cpu":
+        return "cpu"
+    if device and str(device).startswith("cuda"):
+        return "gpu"
+    return str(trainer_cfg.accelerator)
+
+
+def resolve_strategy(trainer_cfg, ar_only: bool):
+    """trainer.strategy: auto | ddp | fsdp, as Lightning strategy objects."""
+    name = str(trainer_cfg.strategy)
+    if name == "auto":
+        return "auto"
+    if name == "ddp":
+        # The encoder-only objective never runs the decoder's self-conditioning block.
+        return DDPStrategy(find_unused_parameters=ar_only)
+    if name == "fsdp":
+        return ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1)
+    raise InputError(f"trainer.strategy={name}: choose auto, ddp or fsdp")
+
+
+def exp_manager_config(cfg: DictConfig, stage: str, exp_dir: Path, max_steps: int) -> dict:
+    """exp_manager's keys (nemo.utils.exp_manager.ExpManagerConfig) for one stage's experiment dir."""
+    run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
+    trainer_cfg, logger_cfg = cfg.trainer, cfg.logger
+    wandb_mode = str(logger_cfg.mode)
+    if wandb_mode not in ("offline", "online", "disabled"):
+        raise InputError(f"logger.mode={wandb_mode}: choose offline, online or disabled")
+    wandb_kwargs = {
+        "name": stage,
+        "project": str(logger_cfg.project),
+        "entity": logger_cfg.get("entity"),
+        "save_dir": str(run_dir),  # W&B writes <run_dir>/wandb/<offline-run-...>; `wandb sync` uploads it
+        "offline": wandb_mode == "offline",
+        "group": run_dir.name,
+        "job_type": stage,
+        "log_model": False,
+    }
+    return {
+        "explicit_log_dir": str(exp_dir),
+        "resume_if_exists": bool(trainer_cfg.resume_if_exists),
+        "resume_ignore_no_checkpoint": True,  # a first run has nothing to resume
+        "create_tensorboard_logger": False,
+        "create_wandb_logger": wandb_mode != "disabled",
+        "wandb_logger_kwargs": wandb_kwargs,
+        "create_checkpoint_callback": True,
+        "checkpoint_callback_params": {
+            "monitor": CHECKPOINT_MONITOR,
+            "mode": "min",
+            "save_top_k": 1,
+            "save_last": True,
+            # No metric name in the file name: "val/loss" would become a sub-directory.
+            "filename": f"{stage}-{{step}}",
+            "auto_insert_metric_name": False,
+            "always_save_nemo": False,
+            "save_nemo_on_train_end": False,
+            "save_best_model": False,
+        },
+        "ema": {"enable": bool(trainer_cfg.ema.enable), "decay": float(trainer_cfg.ema.decay)},
+        "log_step_timing": True,
+        "log_tflops_per_sec_per_gpu": False,
+        "create_preemption_callback": True,
+    }
+
+
+def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, max_steps: int, ar_only: bool = False
+                  ) -> tuple[pl.Trainer, TokensPerSecond]:
+    """A Lightning Trainer for `max_steps` optimiser steps, wired through exp_manager under <stage_dir>/exp."""
+    from nemo.utils.exp_manager import exp_manager
+
+    trainer_cfg = cfg.trainer
+    throughput = TokensPerSecond()
+    val_every = max(1, min(int(trainer_cfg.val_check_interval), max_steps))
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator=resolve_accelerator(trainer_cfg, cfg.get("device")),
+        devices=trainer_cfg.devices,
+        num_nodes=int(trainer_cfg.num_nodes),
+        strategy=resolve_strategy(trainer_cfg, ar_only),
+        precision=str(trainer_cfg.precision),
+        gradient_clip_val=float(trainer_cfg.gradient_clip_val),
+        accumulate_grad_batches=int(trainer_cfg.accumulate_grad_batches),
+        # Validation every N optimiser steps across epochs (not tied to the epoch length).
+        val_check_interval=val_every * int(trainer_cfg.accumulate_grad_batches),
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        log_every_n_steps=int(trainer_cfg.log_every_n_steps),
+        callbacks=[throughput, *progress_bar(str(trainer_cfg.get("progress_bar", "tqdm")))],
+        enable_progress_bar=str(trainer_cfg.get("progress_bar", "tqdm")) != "none",
+        enable_model_summary=False,
+        logger=False,  # exp_manager attaches the W&B logger
+        enable_checkpointing=False,  # exp_manager attaches its checkpoint callback
+        default_root_dir=str(stage_dir),
+    )
+    exp_manager(trainer, exp_manager_config(cfg, stage, stage_dir / EXP_DIR_NAME, max_steps))
+    for logger in trainer.loggers:
+        # Here, not in exp_manager's kwargs: exp_manager would hand W&B an OmegaConf object it cannot serialise.
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return trainer, throughput
+
+
+def _metric(metrics: dict, key: str) -> float | None:
+    value = metrics.get(key)
+    return None if value is None else float(value)
+
+
+def training_fingerprint(cfg: DictConfig, stage: str, input_dir: Path | str) -> str:
+    """What decides a training run: a checkpoint in <stage>/exp is resumed only by a run with the same one."""
+    keys = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg.get(k), DictConfig) else cfg.get(k)
+            for k in ("model", "data", "objective", "trainer", "seed")}
+    blob = json.dumps({"stage": stage, "input": str(input_dir), **keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare_exp_dir(exp_dir: Path, fingerprint: str, resume: bool) -> None:
+    """Keep <stage>/exp for resuming only when allowed and written by the same training run; else start fresh."""
+    # Beside the checkpoints: exp_manager moves the other files of a resumed log dir into run_<n>/.
+    marker = exp_dir / "checkpoints" / FINGERPRINT_FILE
+    same_run = marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint
+    if exp_dir.exists() and not (resume and same_run):
+        shutil.rmtree(exp_dir)
+    atomic_write_json(marker, {"fingerprint": fingerprint})
+
+
+def fit(module: BlockDiffusionModule, train_loader: DataLoader, val_loader: DataLoader | None, cfg: DictConfig,
+        stage: str, stage_dir: Path, max_steps: int, fingerprint: str = "", resume: bool = True
+        ) -> tuple[TrainingResult, pl.Trainer]:
+    """Train `module` for `max_steps` steps, resuming from <stage_dir>/exp when trainer.resume_if_exists and
+    `resume` allow it and the experiment there has the same `fingerprint`; then validate the final weights once
+    more. Returns the figures and the trainer (for `final_state_dict`)."""
+    if max_steps <= 0:
+        raise InputError(f"stage={stage}: max_steps={max_steps}; set trainer.max_steps (or trainer.pretrain_steps) > 0")
+    stage_dir = Path(stage_dir)
+    prepare_exp_dir(stage_dir / EXP_DIR_NAME, fingerprint, resume and bool(cfg.trainer.resume_if_exists))
+    trainer, throughput = build_trainer(cfg, stage, stage_dir, max_steps, ar_only=not module.objective.has_diffusion)
+    resumed_from = trainer.ckpt_path
+    started = time.perf_counter()
+    # ckpt_path explicitly: it also stops the final `validate` from reloading exp_manager's (since deleted) pick.
+    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=resumed_from)
+    wall = time.perf_counter() - started
+    final_train_loss = _metric(trainer.callback_metrics, "train/loss")
+    val_metrics = {}
+    if val_loader is not None and module.last_validated_step == trainer.global_step:
+        val_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    elif val_loader is not None:
+        # The schedule did not end on a validation: validate the final weights once more.
+        val_metrics = trainer.validate(module, dataloaders=val_loader, verbose=False)[0]
+    result = TrainingResult(
+        steps=int(trainer.global_step),
+        final_train_loss=final_train_loss,
+        val_loss=_metric(val_metrics, "val/loss"),
+        val_diffusion_loss=_metric(val_metrics, "val/diffusion_loss"),
+        val_ar_loss=_metric(val_metrics, "val/ar_loss"),
+        val_acc_t1=_metric(val_metrics, "val/acc_t1.0"),
+        val_acc_t05=_metric(val_metrics, "val/acc_t0.5"),
+        val_answer_acc_t1=_metric(val_metrics, "val/answer_acc_t1.0"),
+        val_answer_acc_t05=_metric(val_metrics, "val/answer_acc_t0.5"),
+        tokens_per_second=throughput.overall(),
+        wall_seconds=wall,
+        exp_dir=str(stage_dir / EXP_DIR_NAME),
+        resumed_from=str(resumed_from) if resumed_from else None,
+    )
+    return result, trainer
+
+
+def final_state_dict(trainer: pl.Trainer, model) -> dict | None:
+    """The EMA weights to save (a copy), when trainer.ema.enable; None when the live weights are final."""
+    from nemo.collections.common.callbacks import EMA
+
+    ema = next((c for c in trainer.callbacks if isinstance(c, EMA)), None)
+    if ema is None or not ema._ema_initialized(trainer):
+        return None
+    with ema.save_ema_model(trainer):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train(cfg: DictConfig, model, tokenizer, splits, stage: str, stage_dir: Path, max_steps: int,
+          input_dir: Path | str, ar_only: bool = False, resume: bool = True) -> tuple[object, TrainingResult, pl.Trainer]:
+    """Everything between a loaded model and the model to save: freeze the router (objective.freeze_router) and
+    the vision tower, LoRA (trainer.lora), the objective, the loaders, `fit`, EMA weights, LoRA merge.
+
+    Returns (plain DiffusionGemmaForBlockDiffusion with the final weights, figures, trainer).
+    """
+    objective = build_objective(cfg.objective, tokenizer, ar_only=ar_only)
+    if bool(cfg.objective.get("freeze_router", True)):
+        freeze_router(model)
+    freeze_vision(model)
+    lora_cfg = cfg.trainer.lora
+    peft_model = apply_lora(model, lora_cfg) if bool(lora_cfg.enabled) else None
+    module = BlockDiffusionModule(model, objective, OptimConfig.from_trainer_cfg(cfg.trainer, max_steps),
+                                  seed=int(cfg.seed))
+    train_loader, val_loader = make_loaders(splits.train, splits.val, cfg.trainer, model.config.canvas_length,
+                                            tokenizer.pad_token_id, seed=int(cfg.seed))
+    fingerprint = training_fingerprint(cfg, stage, input_dir)
+    result, trainer = fit(module, train_loader, val_loader, cfg, stage, stage_dir, max_steps, fingerprint, resume)
+    ema_state = final_state_dict(trainer, model)
+    if ema_state is not None:
+        model.load_state_dict(ema_state)
+    if peft_model is not None:
+        model = merge_lora(peft_model, list(lora_cfg.target_modules))
+    return model, result, trainer
