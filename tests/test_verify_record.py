@@ -25,7 +25,7 @@ def a_record(**overrides):
 
 def test_default_config_thresholds_only_require_a_non_negative_accuracy(compose_cfg):
     t = GateThresholds.from_cfg(compose_cfg("stage=sft"), "sft")
-    assert t == GateThresholds(min_accuracy=0.0, max_accuracy_drop=None, min_speedup=0.0)
+    assert t == GateThresholds(min_accuracy=0.0, max_accuracy_drop=None, min_speedup=0.0, drop_confidence=0.95)
 
 
 def test_a_quantize_gate_takes_the_formats_allowed_drop_unless_verify_sets_one(compose_cfg):
@@ -114,3 +114,27 @@ def test_a_failed_record_raises_gate_failed_naming_each_failed_check_and_its_val
 def test_write_record_is_atomic_and_leaves_no_temporary_files(tmp_path):
     write_record(tmp_path, finalize_record(a_record(), []))
     assert [p.name for p in tmp_path.iterdir()] == ["verify.json"]
+
+
+def test_two_boards_lost_by_chance_pass_a_one_board_allowance_but_a_real_drop_fails():
+    from dg_pipeline.verify.record import GateThresholds, PairedDrop, gate_checks
+
+    thresholds = GateThresholds(max_accuracy_drop=0.005, drop_confidence=0.95)
+    reference = {"accuracy": 0.9133, "metric": "solved"}
+    ref = [True] * 274 + [False] * 26
+    noise = [True] * 272 + [False] * 28  # 2 of 300 boards flipped to wrong: raw drop 0.0067
+    collapse = [True] * 250 + [False] * 50  # 24 boards lost
+    ok = gate_checks(272 / 300, None, thresholds, reference, PairedDrop.from_verdicts(ref, noise))
+    bad = gate_checks(250 / 300, None, thresholds, reference, PairedDrop.from_verdicts(ref, collapse))
+    assert [c.passed for c in ok if c.name == "max_accuracy_drop"] == [True]
+    assert [c.passed for c in bad if c.name == "max_accuracy_drop"] == [False]
+    # drop_confidence=0 checks the raw drop, as before
+    raw = gate_checks(272 / 300, None, GateThresholds(max_accuracy_drop=0.005), reference,
+                      PairedDrop.from_verdicts(ref, noise))
+    assert [c.passed for c in raw if c.name == "max_accuracy_drop"] == [False]
+
+
+def test_verdicts_of_different_example_sets_are_not_paired():
+    from dg_pipeline.verify.record import PairedDrop
+
+    assert PairedDrop.from_verdicts([True, False], [True]) is None

@@ -34,7 +34,16 @@ from dg_pipeline.core.io import atomic_write_text
 from dg_pipeline.data import left_padded_prompts
 from dg_pipeline.sampling import BlockDiffusionSampler, GenerationResult, SamplerConfig, ar_generate
 from dg_pipeline.verify.plots import plot_step_sweep, plot_trajectory, trajectory_grid
-from dg_pipeline.verify.record import GateThresholds, finalize_record, gate_checks, load_reference, raise_if_failed, write_record
+from dg_pipeline.verify.record import (
+    GateThresholds,
+    PairedDrop,
+    finalize_record,
+    gate_checks,
+    load_reference,
+    raise_if_failed,
+    reference_verdicts,
+    write_record,
+)
 from dg_pipeline.verify.report import print_gate
 from dg_pipeline.verify.scorers import Score, aggregate, scorer_for
 
@@ -231,7 +240,15 @@ def run_gate(
     record = gate_record(stage, input_dir, scorer.metric, examples, scores, ar_scores, decodes, cfg, sampler_config, ref)
     record["simulated"] = bool(simulated)
     record.update(extra or {})
-    finalize_record(record, gate_checks(record["accuracy"], record["speedup_vs_ar"], thresholds, ref))
+    paired = None
+    if ref is not None:
+        paired = PairedDrop.from_verdicts(reference_verdicts(ref) or [], [bool(sc.correct) for sc in scores])
+    if paired is not None:
+        record["paired_drop"] = {"lost": paired.lost, "gained": paired.gained, "n": paired.n,
+                                 "confidence": thresholds.drop_confidence,
+                                 "drop_lower_bound": paired.drop_lower_bound(thresholds.drop_confidence)
+                                 if thresholds.drop_confidence else paired.drop}
+    finalize_record(record, gate_checks(record["accuracy"], record["speedup_vs_ar"], thresholds, ref, paired))
     _write_predictions(out_dir, examples, scores, ar_scores)
     record["seconds"]["gate_total"] = time.perf_counter() - t_start
     path = write_record(out_dir, record)

@@ -6,10 +6,12 @@ written before a failure is raised, so a failed stage still leaves its numbers b
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from statistics import NormalDist
+from typing import Any, Mapping, Sequence
 
 from dg_pipeline.core.errors import GateFailed, InputError
 from dg_pipeline.core.io import atomic_write_json, read_json
@@ -69,6 +71,7 @@ class GateThresholds:
     min_accuracy: float = 0.0
     max_accuracy_drop: float | None = None
     min_speedup: float = 0.0
+    drop_confidence: float = 0.0
 
     @classmethod
     def from_cfg(cls, cfg, stage: str) -> "GateThresholds":
@@ -82,7 +85,10 @@ class GateThresholds:
             min_accuracy=float(v.get("min_accuracy") or 0.0),
             max_accuracy_drop=None if drop is None else float(drop),
             min_speedup=float(v.get("min_speedup") or 0.0),
+            drop_confidence=float(v.get("drop_confidence") or 0.0),
         )
+        if not 0.0 <= thresholds.drop_confidence < 1.0:
+            raise InputError(f"verify.drop_confidence={thresholds.drop_confidence}: must be in [0, 1) (0 = raw drop)")
         if not 0.0 <= thresholds.min_accuracy <= 1.0:
             raise InputError(f"verify.min_accuracy={thresholds.min_accuracy}: must be a fraction in [0, 1]")
         if thresholds.max_accuracy_drop is not None and thresholds.max_accuracy_drop < 0:
@@ -132,15 +138,61 @@ def gate_checks(
     speedup_vs_ar: float | None,
     thresholds: GateThresholds,
     reference: Mapping | None = None,
+    paired: "PairedDrop | None" = None,
 ) -> list[Check]:
-    """The checks of one gate. The drop check runs only with both a reference and a max_accuracy_drop."""
+    """The checks of one gate. The drop check runs only with both a reference and a max_accuracy_drop.
+
+    With `paired` (per-example verdicts of the reference and of this gate on the same examples) and
+    verify.drop_confidence > 0, the drop checked is the lower confidence bound of the paired drop, so that a board
+    or two flipping by chance (e.g. under FP8 noise) does not fail a gate whose allowance is one board.
+    """
     checks = [at_least("min_accuracy", accuracy, thresholds.min_accuracy)]
     if reference is not None and thresholds.max_accuracy_drop is not None:
         drop = float(reference["accuracy"]) - accuracy
+        if paired is not None and thresholds.drop_confidence:
+            # Same boards, same sampler seed: only a drop that is real at this confidence fails the gate.
+            drop = paired.drop_lower_bound(thresholds.drop_confidence)
         checks.append(at_most("max_accuracy_drop", drop, thresholds.max_accuracy_drop))
     if thresholds.min_speedup > 0 or speedup_vs_ar is not None:
         checks.append(at_least("min_speedup", speedup_vs_ar, thresholds.min_speedup))
     return checks
+
+
+@dataclass(frozen=True)
+class PairedDrop:
+    """Per-example verdicts of a reference gate and this gate on the same examples (McNemar-style pairing)."""
+
+    lost: int  # correct in the reference, wrong now
+    gained: int  # wrong in the reference, correct now
+    n: int
+
+    @classmethod
+    def from_verdicts(cls, reference: Sequence[bool], current: Sequence[bool]) -> "PairedDrop | None":
+        if len(reference) != len(current) or not current:
+            return None  # not the same examples: no pairing
+        lost = sum(r and not c for r, c in zip(reference, current))
+        gained = sum(c and not r for r, c in zip(reference, current))
+        return cls(lost, gained, len(current))
+
+    @property
+    def drop(self) -> float:
+        return (self.lost - self.gained) / self.n
+
+    def drop_lower_bound(self, confidence: float) -> float:
+        """One-sided lower confidence bound of the true drop (normal approximation of the paired difference)."""
+        d = self.drop
+        var = max((self.lost + self.gained) / self.n - d * d, 0.0) / self.n
+        return d - NormalDist().inv_cdf(confidence) * math.sqrt(var)
+
+
+def reference_verdicts(reference: Mapping | None) -> list[bool] | None:
+    """The reference gate's per-example verdicts (predictions.jsonl next to its verify.json), if it has them."""
+    if not reference or not reference.get("path"):
+        return None
+    path = Path(reference["path"]).parent / "predictions.jsonl"
+    if not path.exists():
+        return None
+    return [bool(json.loads(line)["correct"]) for line in path.read_text().splitlines() if line.strip()]
 
 
 def finalize_record(record: dict[str, Any], checks: list[Check]) -> dict[str, Any]:
