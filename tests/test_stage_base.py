@@ -32,7 +32,7 @@ def test_model_init_tiny_writes_a_loadable_model_dir_and_a_passing_verify_json(b
     model_dir = tmp_path / "base" / "model"
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(model_dir)
     assert untied_backbone_weights(model) == []
-    assert model.config.canvas_length == 32  # the sudoku4 recipe's canvas
+    assert model.config.canvas_length == 17  # the sudoku4 recipe's canvas (answer + EOS)
     generation = DiffusionGemmaGenerationConfig.from_pretrained(model_dir)
     assert generation.max_denoising_steps == 48 and generation.eos_token_id == 1
     verify = read_verify(tmp_path)
@@ -92,7 +92,7 @@ def test_a_gemma4_base_is_converted_and_its_parity_recorded(base_cfg, tmp_path, 
     added = params["self_conditioning"] + (0 if vision else params["vision"])
     assert params["total"] == result["source_params"] + added
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path / "run" / "base" / "model")
-    assert untied_backbone_weights(model) == [] and model.config.canvas_length == 32
+    assert untied_backbone_weights(model) == [] and model.config.canvas_length == 17
 
 
 def test_a_diffusion_gemma_base_is_loaded_as_is(base_cfg, tmp_path):
