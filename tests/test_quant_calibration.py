@@ -15,6 +15,7 @@ from dg_pipeline.quant import (
     build_recipe,
     calibrate,
     diffusion_forward_loop,
+    fold_weights_for_eval,
     sync_tied_quantizers,
     text_forward_loop,
     tied_amax_mismatches,
@@ -137,6 +138,25 @@ def test_nvfp4_calibrates_on_cpu_through_the_emulated_backend_and_errs_more_than
         assert result.quantizers["enabled"] == result.quantizers["calibrated"]
     assert recipe.nvfp4_backend == NVFP4_BACKEND
     assert 0 < errors["fp8"] < errors["nvfp4"] < 1.5
+
+
+@pytest.mark.parametrize("name", ["fp8", "nvfp4"])
+def test_folding_the_weights_for_the_gate_keeps_every_logit_bit_for_bit(base_model, examples, name):
+    model = copy.deepcopy(base_model)
+    calibrate(model, build_recipe(name), diffusion_loop(model, examples[:4]))
+    prompt = torch.tensor([examples[0].prompt_ids])
+    canvas = torch.randint(0, 16, (1, 32), generator=torch.Generator().manual_seed(0))
+    first = model(input_ids=prompt, decoder_input_ids=canvas).logits
+    conditioned = model(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=first).logits
+
+    folded = fold_weights_for_eval(model)
+
+    weight_quantizers = [n for n in enabled_quantizers(model) if "weight_quantizer" in n]
+    assert folded > 0 and weight_quantizers == []  # per-expert ones included, tied layers folded twice
+    assert torch.equal(model(input_ids=prompt, decoder_input_ids=canvas).logits, first)
+    assert torch.equal(
+        model(input_ids=prompt, decoder_input_ids=canvas, self_conditioning_logits=first).logits, conditioned
+    )
 
 
 def test_experts_only_recipe_quantizes_only_the_experts_and_casts_the_kv_cache(model, examples):

@@ -7,7 +7,7 @@ tied.py         one set of scales for the tied encoder/decoder quantizers
 nvfp4_cpu.py    NVFP4 fake quantization in torch, registered as a ModelOpt backend (CPU runs)
 probe.py        logits relative error vs the unquantized model
 fp8_gemm.py     real FP8 GEMMs (torch._scaled_mm) for the gate on Hopper+
-state.py        save / restore the quantize stage's ModelOpt state
+state.py        save / restore the quantize stage's ModelOpt state; fold fake-quant weights for a fast gate
 
 Importing this package registers the emulated NVFP4 backend, so `mto.restore` of a state that names it works.
 """
@@ -26,7 +26,14 @@ from dg_pipeline.quant.fp8_gemm import FP8Linear, fp8_gemm_supported, swap_in_fp
 from dg_pipeline.quant.nvfp4_cpu import NVFP4_BACKEND, fake_quant_nvfp4, register_nvfp4_backend
 from dg_pipeline.quant.probe import LogitsErrorProbe, relative_l2
 from dg_pipeline.quant.recipes import FORMATS, KV_CACHE_MODES, QuantRecipe, build_recipe
-from dg_pipeline.quant.state import QUANT_JSON, STATE_FILE, read_quant_record, restore_quantized, save_quantized
+from dg_pipeline.quant.state import (
+    QUANT_JSON,
+    STATE_FILE,
+    fold_weights_for_eval,
+    read_quant_record,
+    restore_quantized,
+    save_quantized,
+)
 from dg_pipeline.quant.tied import sync_tied_quantizers, tied_amax_mismatches
 
 register_nvfp4_backend()
@@ -51,6 +58,7 @@ __all__ = [
     "coverage_report",
     "diffusion_forward_loop",
     "fake_quant_nvfp4",
+    "fold_weights_for_eval",
     "fp8_gemm_supported",
     "read_quant_record",
     "register_nvfp4_backend",

@@ -24,6 +24,28 @@ def save_quantized(model, out_dir: str | Path) -> Path:
     return path
 
 
+def fold_weights_for_eval(model) -> int:
+    """Bake every enabled fake-quant weight quantizer into its weight (ModelOpt's `mtq.fold_weight`); returns how many.
+
+    Fake quantization re-rounds every weight on every forward; folded, the gate's forwards only quantize activations:
+    the same logits bit for bit (tests), about 2x faster on CPU. Folding twice through the tied encoder/decoder weight
+    is harmless: a rounded weight rounds to itself. Call it only after `save_quantized`: the folded model has lost
+    the weight ranges export needs.
+    """
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    def enabled_weight_quantizers() -> int:
+        return sum(
+            1 for name, q in model.named_modules()
+            if isinstance(q, TensorQuantizer) and "weight_quantizer" in name and q.is_enabled
+        )
+
+    before = enabled_weight_quantizers()
+    mtq.fold_weight(model)
+    return before - enabled_weight_quantizers()
+
+
 def read_quant_record(quant_dir: str | Path) -> dict:
     quant_dir = Path(quant_dir)
     if not (quant_dir / QUANT_JSON).exists() or not (quant_dir / STATE_FILE).exists():

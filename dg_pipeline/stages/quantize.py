@@ -12,7 +12,8 @@ input=<dir>, else <run_dir>/sft/model
      <run_dir>/quantize/<quant>/verify.json          the gate on the fake-quantized model vs <sft>/verify.json,
                                                      verify.max_accuracy_drop defaulting to quant.max_accuracy_drop
 Skipped when its outputs exist and passed, unless force=true. Throughput is a simulation (fake quantization) except
-the real-FP8 linears of quant=fp8 on a CUDA device with compute capability >= 8.9 (quant.fp8_gemm).
+the real-FP8 linears of quant=fp8 on a CUDA device with compute capability >= 8.9 (quant.fp8_gemm). The gate runs
+after the state is saved, on weights folded once (`fold_weights_for_eval`: same logits, no per-forward re-rounding).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dg_pipeline.quant import (
     calibrate,
     calibration_examples,
     diffusion_forward_loop,
+    fold_weights_for_eval,
     fp8_gemm_supported,
     save_quantized,
     swap_in_fp8_gemms,
@@ -101,6 +103,7 @@ def run(cfg: DictConfig) -> dict:
         atomic_write_json(tmp / QUANT_JSON, record)
 
     fp8_linears = gate_with_fp8_gemms(cfg, model, name, device)
+    folded = fold_weights_for_eval(model)  # saved above; the gate's forwards need not re-round the weights
     simulated = True  # fake quantization somewhere (all of it, or the experts next to real-FP8 linears)
     console.print(
         "[yellow]note[/]: tokens/s below are a simulation: weights and activations are fake-quantized "
@@ -120,6 +123,7 @@ def run(cfg: DictConfig) -> dict:
             "calib_mode": mode,
             "logits_relative_error": error["logits_relative_error"],
             "fp8_gemm_linears": len(fp8_linears),
+            "folded_weight_quantizers": folded,
             "simulation_note": "throughput of fake-quantized weights/activations; not a deployment figure",
         },
     )
