@@ -10,16 +10,8 @@
 # sha256) when dg_pipeline is importable; DG_SKIP_CHECK=1 skips that.
 set -euo pipefail
 
-if [[ $# -lt 1 || ! -d "$1" ]]; then
-  echo "usage: $0 <export dir> [trtllm-serve args...]   (a dir written by: python -m dg_pipeline stage=export)" >&2
-  exit 2
-fi
-dir="$(cd "$1" && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/_bundle.sh"
+bundle_dir_checked "trtllm-serve args" "$@"
 shift
-PYTHON="${PYTHON:-python3}"
-
-if [[ "${DG_SKIP_CHECK:-0}" != "1" ]] && "$PYTHON" -c "import dg_pipeline" 2>/dev/null; then
-  "$PYTHON" -m dg_pipeline stage=check input="$dir" logger=none
-fi
 
 exec trtllm-serve "$dir" --backend pytorch "$@"

@@ -10,17 +10,9 @@
 # DG_SKIP_CHECK=1 skips that. Quantization (FP8 / NVFP4) is read from config.json's quantization_config.
 set -euo pipefail
 
-if [[ $# -lt 1 || ! -d "$1" ]]; then
-  echo "usage: $0 <export dir> [vllm serve args...]   (a dir written by: python -m dg_pipeline stage=export)" >&2
-  exit 2
-fi
-dir="$(cd "$1" && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/_bundle.sh"
+bundle_dir_checked "vllm serve args" "$@"
 shift
-PYTHON="${PYTHON:-python3}"
-
-if [[ "${DG_SKIP_CHECK:-0}" != "1" ]] && "$PYTHON" -c "import dg_pipeline" 2>/dev/null; then
-  "$PYTHON" -m dg_pipeline stage=check input="$dir" logger=none
-fi
 
 canvas_length="$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["canvas_length"])' "$dir/config.json")"
 

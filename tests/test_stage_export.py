@@ -143,3 +143,58 @@ def test_bf16_export_of_the_sft_model_is_an_unquantized_release(run_dir, stage_c
     assert not (bundle / "hf_quant_config.json").exists()
     assert "quantization_config" not in json.loads((bundle / "config.json").read_text())
     assert check_export(bundle) == []
+
+
+SERVERS = {"serve_vllm.sh": "vllm", "serve_trtllm.sh": "trtllm-serve"}
+
+
+def serve(script: str, bundle: Path, tmp_path: Path, *args: str):
+    """Run export/<script> with a stand-in server binary first on PATH that records its argv (vLLM and TensorRT-LLM
+    are GPU servers, not test dependencies: what is checked here is the command line the script hands them)."""
+    import os
+    import subprocess
+    import sys
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stand_in = bin_dir / SERVERS[script]
+    stand_in.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$SERVED_ARGS"\n')
+    stand_in.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
+           "SERVED_ARGS": str(tmp_path / "argv"), "WANDB_MODE": "offline"}
+    script_path = Path(__file__).resolve().parents[1] / "export" / script
+    done = subprocess.run(["bash", str(script_path), str(bundle), *args], env=env, capture_output=True, text=True)
+    argv = (tmp_path / "argv").read_text().splitlines() if (tmp_path / "argv").exists() else None
+    return done, argv
+
+
+def test_serve_scripts_check_the_bundle_then_start_the_server_with_the_model_cards_arguments(fp8_bundle, tmp_path):
+    bundle, _ = fp8_bundle
+    done, argv = serve("serve_vllm.sh", bundle, tmp_path, "--port", "8001")
+    assert done.returncode == 0, done.stderr
+    assert argv == ["serve", str(bundle), "--diffusion-config", '{"canvas_length": 32}',
+                    "--generation-config", str(bundle), "--port", "8001"]
+    assert "loader" in done.stdout and "PASS" in done.stdout
+
+    (tmp_path / "trt").mkdir()
+    done, argv = serve("serve_trtllm.sh", bundle, tmp_path / "trt")
+    assert done.returncode == 0, done.stderr
+    assert argv == [str(bundle), "--backend", "pytorch"]
+
+
+def test_serve_scripts_refuse_a_tampered_bundle_and_a_missing_dir(fp8_bundle, tmp_path):
+    import shutil
+
+    bundle, _ = fp8_bundle
+    tampered = tmp_path / "tampered"
+    shutil.copytree(bundle, tampered)
+    config = json.loads((tampered / "generation_config.json").read_text())
+    config["max_denoising_steps"] = 1
+    (tampered / "generation_config.json").write_text(json.dumps(config))
+    done, argv = serve("serve_vllm.sh", tampered, tmp_path)
+    assert done.returncode != 0 and argv is None  # the server never started
+    assert "generation_config.json" in done.stdout + done.stderr
+
+    done, argv = serve("serve_trtllm.sh", tmp_path / "no_such_dir", tmp_path)
+    assert done.returncode == 2 and argv is None
+    assert "usage:" in done.stderr and "<export dir>" in done.stderr
