@@ -18,12 +18,10 @@ after the state is saved, on weights folded once (`fold_weights_for_eval`: same 
 
 from __future__ import annotations
 
-import copy
-
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
@@ -109,13 +107,8 @@ def run(cfg: DictConfig) -> dict:
         "[yellow]note[/]: tokens/s below are a simulation: weights and activations are fake-quantized "
         + (f"(except {len(fp8_linears)} linears running real FP8 GEMMs)" if fp8_linears else "(no native FP8/FP4 kernels)")
     )
-    gate_cfg = cfg
-    if not cfg.quant.get("gate_ar_baseline", True):
-        gate_cfg = copy.deepcopy(cfg)
-        with open_dict(gate_cfg):
-            gate_cfg.verify.ar_baseline = False
     gate = run_gate(
-        model, tokenizer, eval_examples(cfg, tokenizer, rd), gate_cfg, STAGE, input_dir, out_dir,
+        model, tokenizer, eval_examples(cfg, tokenizer, rd), cfg, STAGE, input_dir, out_dir,
         reference=provider_record(input_dir), simulated=simulated,
         extra={
             "quant": name,
