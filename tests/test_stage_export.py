@@ -14,6 +14,7 @@ from dg_pipeline.core.errors import InputError
 from dg_pipeline.data.tokenizer import build_board_tokenizer
 from dg_pipeline.export import CheckFailed, check_export, load_export
 from dg_pipeline.model import build_model, save_model
+from helpers import write_sft_gate
 
 # Small enough for 2 CPU cores: a tiny untrained model, 4 eval boards, 4 denoising steps.
 FAST = [
@@ -25,9 +26,10 @@ FAST = [
 
 
 def new_run(root: Path) -> Path:
-    """A run with an 'SFT' model dir (a tiny random model: the stages do not care that it is untrained)."""
+    """A run with an 'SFT' model dir and its gate (a tiny random model: the stages do not care that it is untrained)."""
     tokenizer = build_board_tokenizer()
     save_model(build_model("tiny", tokenizer, 32, seed=0), tokenizer, root / "sft" / "model")
+    write_sft_gate(root / "sft" / "model", *FAST)  # what the quantize and bf16-export gates compare with
     return root
 
 

@@ -11,6 +11,7 @@ from dg_pipeline.data import load_splits
 from dg_pipeline.data.tokenizer import build_board_tokenizer
 from dg_pipeline.model import build_model, load_model, save_model
 from dg_pipeline.quant import LogitsErrorProbe, restore_quantized
+from helpers import write_sft_gate
 
 FAST = [
     "model=tiny", "device=cpu", "logger=none",
@@ -26,6 +27,7 @@ def sft_dir(tmp_path_factory):
     tokenizer = build_board_tokenizer()
     out = tmp_path_factory.mktemp("sft") / "model"
     save_model(build_model("tiny", tokenizer, canvas_length=32, seed=0), tokenizer, out)
+    write_sft_gate(out, *FAST)  # the record the quantize gate's drop is measured against
     return out
 
 
@@ -85,3 +87,19 @@ def test_text_calibration_of_quantized_self_conditioning_is_refused(compose_cfg,
 def test_without_an_sft_model_the_error_names_the_stage_to_run(compose_cfg, tmp_path):
     with pytest.raises(InputError, match="stage=sft"):
         run_quantize(compose_cfg, tmp_path, "quant=fp8")
+
+
+def test_an_sft_model_without_a_gate_record_is_refused_before_calibration(compose_cfg, sft_dir, tmp_path):
+    """No verify.json beside the input: the drop allowance would compare with nothing and pass on min_accuracy."""
+    bare = tmp_path / "bare" / "model"
+    shutil.copytree(sft_dir, bare)
+    with pytest.raises(InputError) as refused:
+        run_quantize(compose_cfg, tmp_path / "run", "quant=fp8", f"input={bare}")
+    message = str(refused.value)
+    assert str(bare) in message and "no gate record" in message
+    assert "verify.reference=" in message and "quant.max_accuracy_drop=null" in message
+    assert not (tmp_path / "run" / "quantize").exists()  # nothing calibrated, nothing written
+
+    # the documented way out: an absolute floor instead of a drop
+    run_quantize(compose_cfg, tmp_path / "run", "quant=fp8", f"input={bare}", "quant.max_accuracy_drop=null")
+    assert (tmp_path / "run" / "quantize" / "fp8" / "verify.json").exists()

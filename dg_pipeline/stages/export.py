@@ -44,7 +44,7 @@ from dg_pipeline.model.structure import parameter_counts
 from dg_pipeline.quant import QUANT_JSON, read_quant_record, restore_quantized
 from dg_pipeline.stages.base import resolve_device
 from dg_pipeline.stages.eval import eval_examples, provider_record
-from dg_pipeline.verify import run_gate
+from dg_pipeline.verify import gate_reference, run_gate
 from dg_pipeline.verify.report import stage_label
 
 STAGE = "export"
@@ -157,9 +157,9 @@ def load_source(cfg: DictConfig, rd: RunDir, fmt: str, device: str) -> ExportSou
             raise InputError(f"input={input_dir}: not a quantize output (no {QUANT_JSON}); export.format=hf exports "
                              "a quantized model: pass a <run_dir>/quantize/<quant> dir, or export.format=bf16 for "
                              "a model dir")
+        reference = gate_reference(gate_config(cfg), STAGE, input_dir, _gate_record(input_dir / "verify.json"))
         with console.status(f"export: restoring the ModelOpt state of {input_dir}"):
             model, tokenizer, record = restore_quantized(input_dir, device=device)
-        reference = _gate_record(input_dir / "verify.json")
         if reference is not None and not reference.get("passed", True):
             console.print(f"[yellow]warning[/]: {reference['path']} records a FAILED quantize gate; exporting anyway "
                           "(the export's own gate compares with that accuracy)")
@@ -169,9 +169,10 @@ def load_source(cfg: DictConfig, rd: RunDir, fmt: str, device: str) -> ExportSou
     model_dir = input_dir
     if (input_dir / QUANT_JSON).exists():  # the unquantized release of a quantize output's base model
         model_dir = Path(read_quant_record(input_dir)["base_model_dir"])
+    reference = gate_reference(gate_config(cfg), STAGE, model_dir, provider_record(model_dir))
     with console.status(f"export: loading {model_dir}"):
         model, tokenizer = load_model(model_dir, dtype="float32", device=device)
-    return ExportSource(model, tokenizer, input_dir, None, model_dir, provider_record(model_dir))
+    return ExportSource(model, tokenizer, input_dir, None, model_dir, reference)
 
 
 def _gate_record(path: Path) -> dict | None:

@@ -44,7 +44,7 @@ from dg_pipeline.quant import (
 )
 from dg_pipeline.stages.base import resolve_device
 from dg_pipeline.stages.eval import eval_examples, provider_record
-from dg_pipeline.verify import run_gate
+from dg_pipeline.verify import gate_reference, run_gate
 
 STAGE = "quantize"
 console = Console()
@@ -67,6 +67,7 @@ def run(cfg: DictConfig) -> dict:
         return {**previous, "skipped": True}
 
     input_dir = rd.resolve_input(STAGE, cfg.get("input"))
+    reference = gate_reference(cfg, STAGE, input_dir, provider_record(input_dir))  # before calibrating
     device = resolve_device(str(cfg.get("device", "auto")))
     recipe = build_recipe(
         name,
@@ -109,7 +110,7 @@ def run(cfg: DictConfig) -> dict:
     )
     gate = run_gate(
         model, tokenizer, eval_examples(cfg, tokenizer, rd), cfg, STAGE, input_dir, out_dir,
-        reference=provider_record(input_dir), simulated=simulated,
+        reference=reference, simulated=simulated,
         extra={
             "quant": name,
             "kv_cache": recipe.kv_cache,

@@ -1,6 +1,6 @@
 """The verification gate: scorers, the gate run (`run_gate`), its verify.json record, plots and console tables."""
 
-from dg_pipeline.verify.gate import run_gate
+from dg_pipeline.verify.gate import gate_reference, run_gate
 from dg_pipeline.verify.record import GateThresholds, gate_checks, load_reference
 from dg_pipeline.verify.report import (
     gate_table,
@@ -14,6 +14,7 @@ from dg_pipeline.verify.scorers import CompletionScorer, Score, SudokuScorer, ag
 
 __all__ = [
     "run_gate",
+    "gate_reference",
     "GateThresholds",
     "gate_checks",
     "load_reference",

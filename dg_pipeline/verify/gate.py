@@ -45,7 +45,7 @@ from dg_pipeline.verify.record import (
     write_record,
 )
 from dg_pipeline.verify.report import print_gate
-from dg_pipeline.verify.scorers import Score, aggregate, scorer_for
+from dg_pipeline.verify.scorers import Score, aggregate, scorer_class, scorer_for
 
 # Default max_new_tokens for free-form completions when sampler.max_new_tokens is null.
 DEFAULT_COMPLETION_TOKENS = 256
@@ -230,7 +230,7 @@ def run_gate(
     # Everything that can be wrong with the inputs fails here, before any decoding.
     scorer = scorer_for(str(cfg.data.kind), tokenizer)
     thresholds = GateThresholds.from_cfg(cfg, stage)
-    ref = load_reference(cfg.verify.get("reference"), reference, scorer.metric)
+    ref = gate_reference(cfg, stage, input_dir, reference, scorer.metric)
     examples = _eval_examples(examples, cfg)
     sampler_config = build_sampler_config(model, cfg, tokenizer)
 
@@ -255,6 +255,26 @@ def run_gate(
     print_gate(record, console)
     raise_if_failed(record, path)
     return record
+
+
+
+def gate_reference(cfg, stage: str, input_dir: str | Path, reference: str | Path | Mapping | None,
+                   metric: str | None = None) -> dict | None:
+    """The record the accuracy drop is measured against (verify.reference wins over `reference`), or None when
+    the gate has no drop allowance. Stages call it before their expensive work, so a missing record fails fast."""
+    metric = metric or scorer_class(str(cfg.data.kind)).metric
+    thresholds = GateThresholds.from_cfg(cfg, stage)
+    ref = load_reference(cfg.verify.get("reference"), reference, metric)
+    if ref is None and thresholds.max_accuracy_drop is not None:
+        # A drop allowance with nothing to compare against would pass on min_accuracy alone: say so instead.
+        allowance_key = {"quantize": "quant", "export": "export"}.get(stage, "verify") + ".max_accuracy_drop"
+        raise InputError(
+            f"stage={stage}: the gate allows an accuracy drop of {thresholds.max_accuracy_drop} vs its input's gate, "
+            f"but {input_dir} has no gate record (no verify.json beside it). Run the input's stage again, or pass "
+            f"verify.reference=<a verify.json of that model>; or gate on an absolute floor with "
+            f"{allowance_key}=null verify.min_accuracy=<floor>"
+        )
+    return ref
 
 
 def decode_for_gate(model, tokenizer, examples, cfg, sampler_config, scorer, out_dir: Path, console) -> GateDecodes:

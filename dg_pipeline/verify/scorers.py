@@ -126,11 +126,16 @@ class CompletionScorer:
 SCORERS = {"sudoku": SudokuScorer, "chat": CompletionScorer}
 
 
-def scorer_for(kind: str, tokenizer) -> Scorer:
-    """The scorer of a data kind (cfg.data.kind)."""
+def scorer_class(kind: str) -> type[Scorer]:
+    """The scorer class of a data kind (cfg.data.kind); its `metric` is known before a tokenizer is."""
     if kind not in SCORERS:
         raise InputError(f"data.kind={kind}: no scorer for it; choose one of {sorted(SCORERS)}")
-    return SCORERS[kind](tokenizer)
+    return SCORERS[kind]
+
+
+def scorer_for(kind: str, tokenizer) -> Scorer:
+    """The scorer of a data kind (cfg.data.kind)."""
+    return scorer_class(kind)(tokenizer)
 
 
 def aggregate(scores: Sequence[Score]) -> dict[str, float]:
