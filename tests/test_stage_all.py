@@ -44,3 +44,27 @@ def test_a_stage_is_up_to_date_only_with_its_output_and_the_same_fingerprint(com
     assert is_up_to_date(rd, base)
     atomic_write_json(state_file(rd, base), {"fingerprint": stage_fingerprint(cfg, "base", "other input")})
     assert not is_up_to_date(rd, base)
+
+
+def test_a_quant_override_on_the_command_line_reaches_every_format(compose_cfg, tmp_path):
+    steps = plan(compose_cfg(f"run_dir={tmp_path}", "quant.kv_cache=fp8", "quant.exclude=[*q_proj*]"))
+    quantize = [s for s in steps if s.stage == "quantize"]
+    assert [s.cfg.quant.name for s in quantize] == ["fp8", "nvfp4"]
+    assert all(s.cfg.quant.kv_cache == "fp8" and list(s.cfg.quant.exclude) == ["*q_proj*"] for s in quantize)
+    assert [s.cfg.quant.max_accuracy_drop for s in quantize] == [0.005, 0.02]  # untouched keys stay per format
+
+
+def test_text_calibration_runs_and_exports_the_text_calibrated_outputs(compose_cfg, tmp_path):
+    steps = plan(compose_cfg(f"run_dir={tmp_path}", "calib=text"))
+    assert [s.label for s in steps][2:] == [
+        "quantize[fp8-text]", "export[fp8-text]", "quantize[nvfp4-text]", "export[nvfp4-text]",
+    ]
+    export_nvfp4 = steps[-1]
+    assert export_nvfp4.cfg.input == str(tmp_path / "quantize" / "nvfp4-text")
+    assert export_nvfp4.output == tmp_path / "export" / "nvfp4-text"
+
+
+def test_adding_a_format_does_not_rerun_the_formats_already_done(compose_cfg, tmp_path):
+    one = {s.label: s.fingerprint for s in plan(compose_cfg(f"run_dir={tmp_path}", "quant.formats=[fp8]"))}
+    two = {s.label: s.fingerprint for s in plan(compose_cfg(f"run_dir={tmp_path}"))}
+    assert one == {k: two[k] for k in one}

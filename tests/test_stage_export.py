@@ -147,6 +147,21 @@ def test_bf16_export_of_the_sft_model_is_an_unquantized_release(run_dir, stage_c
     assert check_export(bundle) == []
 
 
+
+def test_an_hf_export_is_named_after_its_quantize_input_not_the_composed_quant_group(stage_cfg, tmp_path):
+    from dg_pipeline.core import RunDir
+    from dg_pipeline.stages import _output_and_upstream
+    from dg_pipeline.stages.export import export_name
+
+    quantized = tmp_path / "quantize" / "nvfp4-text"
+    quantized.mkdir(parents=True)
+    cfg = stage_cfg(tmp_path, "stage=export", f"input={quantized}")  # the composed group is still quant=fp8
+    rd = RunDir.from_cfg(cfg)
+    assert export_name(cfg, rd) == "nvfp4-text"
+    assert _output_and_upstream(cfg, rd, "export", None) == (
+        tmp_path / "export" / "nvfp4-text", "nvfp4-text", ("quantize", "nvfp4-text"))  # W&B lineage too
+
+
 SERVERS = {"serve_vllm.sh": "vllm", "serve_trtllm.sh": "trtllm-serve"}
 
 

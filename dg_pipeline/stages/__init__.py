@@ -53,7 +53,9 @@ def _output_and_upstream(cfg: DictConfig, rd: RunDir, stage: str, variant: str |
         fmt = variant or output_name(cfg)
         return rd.stage("quantize") / fmt, fmt, ("sft", None)
     if stage == "export":
-        name = variant or str(cfg.export.name or (cfg.quant.name if cfg.export.format == "hf" else "bf16"))
-        upstream = ("quantize", str(cfg.quant.name)) if cfg.export.format == "hf" else ("sft", None)
+        from dg_pipeline.stages.export import export_name, quantize_input
+
+        name = variant or export_name(cfg, rd)
+        upstream = ("quantize", quantize_input(cfg, rd).name) if cfg.export.format == "hf" else ("sft", None)
         return rd.stage("export") / name, name, upstream
     return None, None, None

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dg_pipeline.core.io import atomic_write_json
 from dg_pipeline.core.rundir import RunDir
+from dg_pipeline.stages.quantize import output_name
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
@@ -47,21 +48,35 @@ class PlannedStage:
 def stage_fingerprint(cfg: DictConfig, stage: str, upstream_fingerprint: str) -> str:
     keys = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
             for k in STAGE_KEYS[stage]}
+    if "quant" in keys:
+        keys["quant"].pop("formats", None)  # which formats run is not how this one is quantized
     blob = json.dumps({"upstream": upstream_fingerprint, "keys": keys}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def with_quant_format(cfg: DictConfig, fmt: str) -> DictConfig:
-    """cfg with the `quant` group switched to conf/quant/<fmt>.yaml (as `quant=<fmt>` would compose it)."""
+def quant_group_file(fmt: str) -> Path:
     group_file = CONF_DIR / "quant" / f"{fmt}.yaml"
     if not group_file.exists():
         from dg_pipeline.core.errors import InputError
 
         choices = sorted(p.stem for p in (CONF_DIR / "quant").glob("*.yaml"))
         raise InputError(f"quant.formats contains '{fmt}': no conf/quant/{fmt}.yaml; choose from {choices}")
+    return group_file
+
+
+def quant_overrides(cfg: DictConfig) -> dict:
+    """The quant.* values this run sets over its composed quant group (on the command line or in the recipe), e.g.
+    quant.kv_cache=fp8: they apply to every format of quant.formats, as `quant=<fmt> quant.kv_cache=fp8` would."""
+    composed = OmegaConf.to_container(OmegaConf.load(quant_group_file(str(cfg.quant.name))), resolve=True)
+    current = OmegaConf.to_container(cfg.quant, resolve=True)
+    return {k: v for k, v in current.items() if k not in ("name", "formats") and composed.get(k) != v}
+
+
+def with_quant_format(cfg: DictConfig, fmt: str) -> DictConfig:
+    """cfg with the `quant` group switched to conf/quant/<fmt>.yaml plus this run's quant.* overrides."""
     out = copy.deepcopy(cfg)
     with open_dict(out):
-        out.quant = OmegaConf.merge(out.quant, OmegaConf.load(group_file))
+        out.quant = OmegaConf.merge(OmegaConf.load(quant_group_file(fmt)), quant_overrides(cfg))
         out.quant.formats = list(cfg.quant.formats)
         out.input = None
     return out
@@ -86,13 +101,15 @@ def plan(cfg: DictConfig) -> list[PlannedStage]:
     sft = add("sft", None, base_cfg, rd.model_dir("sft"), prev)
     for fmt in cfg.quant.formats:
         qcfg = with_quant_format(cfg, str(fmt))
-        quant = add("quantize", str(fmt), qcfg, rd.stage("quantize") / str(fmt), sft)
+        name = output_name(qcfg)  # fp8, or fp8-text under calib=text
+        quant = add("quantize", name, qcfg, rd.stage("quantize") / name, sft)
         ecfg = copy.deepcopy(qcfg)
         with open_dict(ecfg):
+            ecfg.input = str(quant.output)
             ecfg.export.format = "hf"
-            ecfg.export.name = str(fmt)
+            ecfg.export.name = name
             ecfg.export.overwrite = True  # the fingerprint decided to rebuild it
-        add("export", str(fmt), ecfg, rd.stage("export") / str(fmt), quant)
+        add("export", name, ecfg, rd.stage("export") / name, quant)
     return steps
 
 

@@ -3,7 +3,8 @@
     python -m dg_pipeline stage=export [input=<quantize dir>] [export.format=hf|bf16] [export.name=<name>]
         [export.overwrite=true] run_dir=<dir>
 
-format=hf    input: a quantize output (default <run_dir>/quantize/<quant.name>/): its ModelOpt state restored onto
+format=hf    input: a quantize output (default <run_dir>/quantize/<quant.name>/; the bundle takes its dir name, e.g.
+             export/nvfp4-text, unless export.name is set): its ModelOpt state restored onto
              the SFT model recorded in quant.json, then ModelOpt's unified HF checkpoint (dg_pipeline.export).
 format=bf16  input: an unquantized model dir (default <run_dir>/sft/model; a quantize dir means its base model).
 Then, inside a temporary dir that only becomes <run_dir>/export/<name>/ once everything passed:
@@ -64,9 +65,22 @@ class ExportSource:
     reference: dict | None  # the gate record the reload is compared with
 
 
-def export_name(cfg: DictConfig) -> str:
+def quantize_input(cfg: DictConfig, rd: RunDir) -> Path:
+    """The quantize dir an hf export reads: input=<dir>, else <run_dir>/quantize/<quant.name>."""
+    default = rd.stage("quantize") / str(cfg.quant.name)
+    if not cfg.get("input") and not default.exists():
+        raise InputError(f"stage=export needs {default}, which does not exist: run `stage=quantize "
+                         f"quant={cfg.quant.name} run_dir={rd.root}` first, or pass input=<quantize dir>")
+    return rd.resolve_input(STAGE, cfg.get("input"), default=default)
+
+
+def export_name(cfg: DictConfig, rd: RunDir) -> str:
+    """export.name, else the quantize dir's name for hf (nvfp4, nvfp4-text, ...: what was quantized, not which
+    quant= group happens to be composed), else bf16."""
     e = cfg.export
-    return str(e.get("name") or (cfg.quant.name if str(e.format) == "hf" else "bf16"))
+    if e.get("name"):
+        return str(e.name)
+    return quantize_input(cfg, rd).name if str(e.format) == "hf" else "bf16"
 
 
 def run(cfg: DictConfig) -> dict:
@@ -75,7 +89,7 @@ def run(cfg: DictConfig) -> dict:
     if fmt not in FORMATS:
         raise InputError(f"export.format={fmt}: choose hf (ModelOpt unified checkpoint of a quantize output) or "
                          "bf16 (plain HF weights of an unquantized model)")
-    name = export_name(cfg)
+    name = export_name(cfg, rd)
     target = rd.stage(STAGE) / name
     overwrite = bool(cfg.export.get("overwrite", False))
     if target.exists() and not overwrite:
@@ -148,11 +162,7 @@ def run(cfg: DictConfig) -> dict:
 def load_source(cfg: DictConfig, rd: RunDir, fmt: str, device: str) -> ExportSource:
     explicit = cfg.get("input")
     if fmt == "hf":
-        default = rd.stage("quantize") / str(cfg.quant.name)
-        if not explicit and not default.exists():
-            raise InputError(f"stage=export needs {default}, which does not exist: run `stage=quantize "
-                             f"quant={cfg.quant.name} run_dir={rd.root}` first, or pass input=<quantize dir>")
-        input_dir = rd.resolve_input(STAGE, explicit, default=default)
+        input_dir = quantize_input(cfg, rd)
         if not (input_dir / QUANT_JSON).exists():
             raise InputError(f"input={input_dir}: not a quantize output (no {QUANT_JSON}); export.format=hf exports "
                              "a quantized model: pass a <run_dir>/quantize/<quant> dir, or export.format=bf16 for "
