@@ -146,6 +146,14 @@ def test_bf16_export_of_the_sft_model_is_an_unquantized_release(run_dir, stage_c
     assert "quantization_config" not in json.loads((bundle / "config.json").read_text())
     assert check_export(bundle) == []
 
+    # a bf16 release is a model dir every stage can start from, and it is verified like any export
+    from dg_pipeline.model import load_model
+
+    load_model(bundle)
+    config = json.loads((bundle / "config.json").read_text())
+    (bundle / "config.json").write_text(json.dumps({**config, "canvas_length": 8}))
+    with pytest.raises(InputError, match=r"config\.json"):
+        load_model(bundle)
 
 
 def test_an_hf_export_is_named_after_its_quantize_input_not_the_composed_quant_group(stage_cfg, tmp_path):

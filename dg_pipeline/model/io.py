@@ -77,6 +77,15 @@ def _load_diffusion_gemma(info: CheckpointInfo, dtype: torch.dtype, key: str) ->
     return model
 
 
+def verify_release_manifest(model_dir: Path) -> None:
+    """A dir holding a release manifest (a bf16 export bundle) is loaded only if every file matches its sha256."""
+    from dg_pipeline.export.formats import MANIFEST
+    from dg_pipeline.export.manifest import verify_manifest  # lazy: export builds on model, not the reverse
+
+    if (model_dir / MANIFEST).is_file():
+        verify_manifest(model_dir)
+
+
 def load_base(
     path: str | Path,
     canvas_length: int | None = None,
@@ -93,6 +102,7 @@ def load_base(
     Every bad dir raises one InputError naming `key`, the dir/file and what was expected.
     """
     info = inspect_checkpoint(path, key=key)
+    verify_release_manifest(Path(info.path))
     torch_dtype = resolve_dtype(dtype)
     if canvas_length is not None and (not isinstance(canvas_length, int) or canvas_length <= 0):
         raise InputError(f"model.canvas_length={canvas_length}: must be a positive integer (the block length)")
