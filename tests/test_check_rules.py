@@ -20,10 +20,10 @@ Q_PROJ = "model.decoder.layers.0.self_attn.q_proj"
 ATTN0 = "model.decoder.layers.0.self_attn"
 
 
-def _export(tmp_path_factory, quant: str) -> Path:
+def _export(tmp_path_factory, quant: str, kv_cache: str = "none") -> Path:
     tokenizer = build_board_tokenizer()
-    model = quantized_random_model("tiny", quant, tokenizer, CANVAS)
-    out = tmp_path_factory.mktemp(f"export_{quant}")
+    model = quantized_random_model("tiny", quant, tokenizer, CANVAS, kv_cache=kv_cache)
+    out = tmp_path_factory.mktemp(f"export_{quant}_kv_{kv_cache}")
     export_quantized(model, tokenizer, out, release_generation_config(model, tokenizer), dtype=torch.bfloat16)
     return out
 
@@ -191,3 +191,21 @@ def test_a_tied_encoder_weight_stored_twice_names_the_decoder_copy(fp8_export, t
                                                  t[name].clone()))
     found = violations_at(broken)
     assert f"store it once, as {name}" in found["model.encoder.language_model.layers.0.input_layernorm.weight"]
+
+
+def test_kv_cache_scales_are_on_every_k_and_v_projection_or_none_and_only_with_a_kv_algo(tmp_path_factory, tmp_path):
+    kv_export = _export(tmp_path_factory, "fp8", kv_cache="fp8")
+    assert check_export(kv_export) == []
+    v_scale = f"{ATTN0}.v_proj.v_scale"
+    broken = broken_copy(kv_export, tmp_path / "a")
+    edit_tensors(broken, lambda t: t.pop(v_scale))
+    assert "kv_cache_quant_algo is FP8 and other K/V projections" in violations_at(broken)[v_scale]
+
+    # scales without the algorithm: loaders would ignore them
+    broken = broken_copy(kv_export, tmp_path / "b")
+    edit_json(broken / "hf_quant_config.json", lambda d: d["quantization"].__setitem__("kv_cache_quant_algo", None))
+    assert "is null but the checkpoint stores" in violations_at(broken)["hf_quant_config.json:kv_cache_quant_algo"]
+
+    # the algorithm without any scale is a cast (quant.kv_cache=fp8_cast, the experts-only recipe's): loadable
+    cast_export = _export(tmp_path_factory, "nvfp4_experts_only", kv_cache="fp8_cast")
+    assert check_export(cast_export) == []

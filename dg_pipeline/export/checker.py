@@ -11,12 +11,14 @@ tensors     every tensor of the architecture present with its shape; a quantized
             the format's dtypes and shapes and positive finite scales; experts are per-expert tensors when
             quantized; router, self-conditioning, vision tower, embeddings and lm_head unquantized and excluded;
             every other unquantized linear excluded; linears sharing an input share NVFP4 input_scale and
-            weight_scale_2; tied encoder/decoder weights stored once, under model.decoder.*
+            weight_scale_2; tied encoder/decoder weights stored once, under model.decoder.*; KV-cache scales
+            (float32 scalars) only with kv_cache_quant_algo, and then on all K/V projections or none (a cast)
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -326,7 +328,7 @@ def check_tensors(tensors: CheckpointTensors, config: dict, quant: dict | None) 
             out.append(Violation(f"{HF_QUANT_CONFIG}:exclude_modules", "lm_head is not listed (vLLM cannot load a "
                                  "quantized lm_head)", 'add "lm_head"'))
         out += _check_shared_input_scales(tensors, modules)
-        out += _check_kv_scales(tensors)
+        out += _check_kv_scales(tensors, modules, quant.get("kv_cache_quant_algo"))
     elif any(quantized_format(leaves) for leaves in modules.values()):
         out.append(Violation(HF_QUANT_CONFIG, "quantized tensors but no quantization config",
                              "write hf_quant_config.json and config.json quantization_config; " + REEXPORT))
@@ -519,15 +521,35 @@ def _check_shared_input_scales(tensors: CheckpointTensors, modules: dict) -> lis
     return out
 
 
-def _check_kv_scales(tensors: CheckpointTensors) -> list[Violation]:
-    out = []
+# The (canonical, decoder-named) K and V projections whose outputs a quantized KV cache stores.
+KV_PROJECTIONS = re.compile(r"^model\.decoder\.layers\.\d+\.self_attn\.(k|v)_proj$")
+
+
+def _check_kv_scales(tensors: CheckpointTensors, modules: dict, kv_algo: str | None) -> list[Violation]:
+    """KV-cache scales are float32 scalars; absent when kv_cache_quant_algo is null (loaders would ignore them).
+    With the algorithm set, either no K/V projection has one (a cast: vLLM's default scale 1.0 is what ModelOpt's
+    fp8_cast recipe calibrates to) or every one has (a calibrated cache: one missing would silently be 1.0)."""
+    out, present = [], set()
     for t in tensors:
         if split_leaf(t.name)[1] in ("k_scale", "v_scale"):
+            present.add(t.name)
             if t.dtype != torch.float32 or t.numel != 1:
                 out.append(Violation(t.name, f"KV-cache scale must be a float32 scalar, found {_dt(t.dtype)} "
                                      f"{list(t.shape)}", REEXPORT))
             else:
                 out += _check_scale_values(t, tensors.load(t.name))
+    if kv_algo is None and present:
+        out.append(Violation(f"{HF_QUANT_CONFIG}:kv_cache_quant_algo", f"is null but the checkpoint stores "
+                             f"{len(present)} KV-cache scales (e.g. {min(present)}), which loaders then ignore",
+                             'set "kv_cache_quant_algo": "FP8" (scales from a quant.kv_cache=fp8 calibration), or '
+                             "re-export from a quantize dir with quant.kv_cache=none"))
+    if kv_algo is not None and present:
+        for module in sorted(m for m in modules if KV_PROJECTIONS.match(m)):
+            scale = f"{module}.{module[-6]}_scale"  # k_proj -> k_scale, v_proj -> v_scale
+            if scale not in present:
+                out.append(Violation(scale, f"missing: kv_cache_quant_algo is {kv_algo} and other K/V projections "
+                                     "carry calibrated scales; this one would silently be cast with scale 1.0",
+                                     REEXPORT))
     return out
 
 
