@@ -131,3 +131,25 @@ def test_a_model_without_quantizers_is_refused_by_the_quantized_writer(tokenizer
     model = build_model("tiny", tokenizer, CANVAS, seed=0)
     with pytest.raises(InputError, match="export.format=bf16"):
         export_quantized(model, tokenizer, tmp_path, release_generation_config(model, tokenizer))
+
+
+def test_plain_torch_dequantization_equals_modelopts_qtensors_bit_for_bit():
+    from modelopt.torch.quantization.qtensor import FP8QTensor, NVFP4QTensor
+
+    from dg_pipeline.export.dequant import dequantize_fp8, dequantize_nvfp4
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 64, generator=g)
+    fp8_qtensor, fp8_scale = FP8QTensor.quantize(weight)[:2]
+    fp8 = fp8_qtensor._quantized_data
+    assert torch.equal(dequantize_fp8(fp8, fp8_scale), FP8QTensor(weight.shape, torch.float32, fp8).dequantize(
+        torch.float32, scale=fp8_scale))
+
+    scale_2 = NVFP4QTensor.get_weights_scaling_factor_2(weight)
+    packed, block_scale = NVFP4QTensor.quantize(weight, 16, weights_scaling_factor_2=scale_2)[:2]
+    packed = packed._quantized_data
+    expected = NVFP4QTensor(weight.shape, torch.float32, packed).dequantize(
+        torch.float32, scale=block_scale, double_scale=scale_2, block_sizes={-1: 16})
+    got = dequantize_nvfp4(packed, block_scale, scale_2)
+    assert torch.equal(got, expected)
+    assert (got - weight).abs().max() < weight.abs().max() / 4  # and it is the weight, to NVFP4 precision
