@@ -87,7 +87,9 @@ def test_the_model_card_has_provenance_gates_sampler_and_serve_commands(fp8_bund
     assert "trtllm-serve <this dir> --backend pytorch" in card
     assert "| quantize/fp8 (sim) |" in card and "| export/fp8 (sim) |" in card
     assert "| `max_denoising_steps` | 4 |" in card  # sampler.* overrides land in the release's generation config
-    assert "random init of the `tiny` shape" in card or "base weights" in card
+    assert "| base weights | random init of the `tiny` shape (dg_pipeline.model.configs) |" in card
+    assert "| data | Sudoku 4x4: 32 generated boards" in card  # FAST's data.n_train=32
+    assert "| training objective | uniform" in card
 
 
 def test_an_existing_export_is_refused_without_overwrite(fp8_bundle, run_dir, stage_cfg):

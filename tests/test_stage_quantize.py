@@ -103,3 +103,14 @@ def test_an_sft_model_without_a_gate_record_is_refused_before_calibration(compos
     # the documented way out: an absolute floor instead of a drop
     run_quantize(compose_cfg, tmp_path / "run", "quant=fp8", f"input={bare}", "quant.max_accuracy_drop=null")
     assert (tmp_path / "run" / "quantize" / "fp8" / "verify.json").exists()
+
+
+def test_a_rerun_reuses_a_passed_output_only_with_the_same_settings_and_input(compose_cfg, sft_dir, tmp_path):
+    first = run_quantize(compose_cfg, tmp_path, "quant=fp8", f"input={sft_dir}")
+    assert "skipped" not in first
+    assert run_quantize(compose_cfg, tmp_path, "quant=fp8", f"input={sft_dir}")["skipped"]
+
+    changed = run_quantize(compose_cfg, tmp_path, "quant=fp8", "quant.kv_cache=fp8", f"input={sft_dir}")
+    assert "skipped" not in changed and changed["kv_cache"] == "fp8"
+    record = json.loads((tmp_path / "quantize" / "fp8" / "quant.json").read_text())
+    assert record["kv_cache"] == "fp8" and record["fingerprint"] == changed["fingerprint"] != first["fingerprint"]

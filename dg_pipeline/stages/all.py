@@ -7,7 +7,6 @@ fingerprint) is unchanged; `force=true` reruns everything. Fingerprints live in 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -15,20 +14,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dg_pipeline.core.fingerprint import stage_fingerprint
 from dg_pipeline.core.io import atomic_write_json
 from dg_pipeline.core.rundir import RunDir
 from dg_pipeline.stages.quantize import output_name
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-# The config keys each stage reads: a change in any of them (or in the stage's input) reruns the stage.
-STAGE_KEYS = {
-    "base": ("model", "seed"),
-    "pretrain": ("model", "data", "trainer", "seed"),
-    "sft": ("model", "data", "objective", "trainer", "sampler", "verify", "seed"),
-    "quantize": ("quant", "calib", "sampler", "verify", "seed"),
-    "export": ("export", "quant", "sampler", "verify"),
-}
 
 
 @dataclass
@@ -43,15 +34,6 @@ class PlannedStage:
     @property
     def label(self) -> str:
         return f"{self.stage}[{self.variant}]" if self.variant else self.stage
-
-
-def stage_fingerprint(cfg: DictConfig, stage: str, upstream_fingerprint: str) -> str:
-    keys = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
-            for k in STAGE_KEYS[stage]}
-    if "quant" in keys:
-        keys["quant"].pop("formats", None)  # which formats run is not how this one is quantized
-    blob = json.dumps({"upstream": upstream_fingerprint, "keys": keys}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def quant_group_file(fmt: str) -> Path:

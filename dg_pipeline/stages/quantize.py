@@ -11,7 +11,8 @@ input=<dir>, else <run_dir>/sft/model
      <run_dir>/quantize/<quant>/.quant_summary.txt   mtq.print_quant_summary: every quantizer and its state
      <run_dir>/quantize/<quant>/verify.json          the gate on the fake-quantized model vs <sft>/verify.json,
                                                      verify.max_accuracy_drop defaulting to quant.max_accuracy_drop
-Skipped when its outputs exist and passed, unless force=true. Throughput is a simulation (fake quantization) except
+Skipped when its outputs exist, passed, and were made with the same settings on the same input (the
+fingerprint in quant.json), unless force=true. Throughput is a simulation (fake quantization) except
 the real-FP8 linears of quant=fp8 on a CUDA device with compute capability >= 8.9 (quant.fp8_gemm). The gate runs
 after the state is saved, on weights folded once (`fold_weights_for_eval`: same logits, no per-forward re-rounding).
 """
@@ -26,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dg_pipeline.core import InputError, RunDir, atomic_dir, atomic_write_json, read_json
+from dg_pipeline.core.fingerprint import input_identity, stage_fingerprint
 from dg_pipeline.data import load_splits
 from dg_pipeline.model.io import load_model
 from dg_pipeline.quant import (
@@ -61,12 +63,13 @@ def run(cfg: DictConfig) -> dict:
     rd = RunDir.from_cfg(cfg)
     name = str(cfg.quant.name)
     out_dir = rd.stage(STAGE) / output_name(cfg)
-    previous = _previous_record(out_dir)
-    if previous is not None and not cfg.get("force", False):
-        console.print(f"[bold]quantize[/]: skipped, {out_dir} exists and passed (force=true re-calibrates)")
-        return {**previous, "skipped": True}
-
     input_dir = rd.resolve_input(STAGE, cfg.get("input"))
+    fingerprint = stage_fingerprint(cfg, STAGE, input_identity(input_dir))
+    previous = _previous_record(out_dir, fingerprint)
+    if previous is not None and not cfg.get("force", False):
+        console.print(f"[bold]quantize[/]: skipped, {out_dir} passed with these settings on this input "
+                      "(force=true re-calibrates)")
+        return {**previous, "skipped": True}
     reference = gate_reference(cfg, STAGE, input_dir, provider_record(input_dir))  # before calibrating
     device = resolve_device(str(cfg.get("device", "auto")))
     recipe = build_recipe(
@@ -93,7 +96,7 @@ def run(cfg: DictConfig) -> dict:
     loop, calib_settings = forward_loop(cfg, mode, model, tokenizer, calib)
     result = calibrate(model, recipe, loop)
     error = probe.error(model)
-    record = quant_record(cfg, recipe, input_dir, calib_settings, result, error)
+    record = {**quant_record(cfg, recipe, input_dir, calib_settings, result, error), "fingerprint": fingerprint}
     print_calibration(record)
 
     with atomic_dir(out_dir) as tmp:
@@ -224,9 +227,13 @@ def _write_quant_summary(model, out_dir: Path) -> None:
         mtq.print_quant_summary(model, str(out_dir))
 
 
-def _previous_record(out_dir: Path) -> dict | None:
+def _previous_record(out_dir: Path, fingerprint: str) -> dict | None:
+    """The output to reuse: it passed its gate, with the same quantize settings, on the same input."""
     quant_json, verify_json = out_dir / QUANT_JSON, out_dir / "verify.json"
     if not (quant_json.exists() and verify_json.exists()):
         return None
-    verify = read_json(verify_json)
-    return {**read_json(quant_json), "gate": verify} if verify.get("passed") else None
+    record, verify = read_json(quant_json), read_json(verify_json)
+    if record.get("fingerprint") != fingerprint:
+        console.print(f"[bold]quantize[/]: {out_dir} was made with other settings or another input; re-calibrating")
+        return None
+    return {**record, "gate": verify} if verify.get("passed") else None

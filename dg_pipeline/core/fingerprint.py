@@ -1,0 +1,39 @@
+"""Stage fingerprints: a stage reruns when a config key it reads, or its input, changed.
+
+`stage=all` keeps one per stage in <run_dir>/.dg_state/; a standalone `stage=quantize` records its own in quant.json,
+so re-running it with other settings (or on a retrained input) re-calibrates instead of returning the old output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+# The config keys each stage reads: a change in any of them (or in the stage's input) reruns the stage.
+STAGE_KEYS = {
+    "base": ("model", "seed"),
+    "pretrain": ("model", "data", "trainer", "seed"),
+    "sft": ("model", "data", "objective", "trainer", "sampler", "verify", "seed"),
+    "quantize": ("quant", "calib", "sampler", "verify", "seed"),
+    "export": ("export", "quant", "sampler", "verify"),
+}
+
+
+def stage_fingerprint(cfg: DictConfig, stage: str, upstream_fingerprint: str) -> str:
+    keys = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
+            for k in STAGE_KEYS[stage]}
+    if "quant" in keys:
+        keys["quant"].pop("formats", None)  # which formats run is not how this one is quantized
+    blob = json.dumps({"upstream": upstream_fingerprint, "keys": keys}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def input_identity(model_dir: str | Path) -> str:
+    """A standalone stage's upstream fingerprint: the input dir and the size and mtime of every file in it (a
+    retrained model in the same place is a new input)."""
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
+    return json.dumps([str(model_dir)] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
