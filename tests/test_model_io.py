@@ -211,3 +211,19 @@ def test_a_tokenizer_bigger_than_the_embedding_table_is_refused(tmp_path):
 def test_an_unknown_dtype_names_the_key(saved_dir):
     with pytest.raises(InputError, match="model.dtype=fp8"):
         load_base(saved_dir, dtype="fp8")
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused_with_the_tensor_named(saved_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(saved_dir, broken)
+    tensors = load_file(broken / "model.safetensors")
+    dropped = next(name for name in sorted(tensors) if "self_attn.q_proj.weight" in name)
+    del tensors[dropped]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"the weights lack \d+ DiffusionGemma tensors .*incomplete") as refused:
+        load_model(broken)
+    assert str(broken) in str(refused.value) and dropped.split(".", 1)[-1] in str(refused.value)

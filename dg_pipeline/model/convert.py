@@ -28,7 +28,7 @@ from transformers import (
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.model.configs import TINY_VISION
-from dg_pipeline.model.inspect import GEMMA4_TEXT, CheckpointInfo
+from dg_pipeline.model.inspect import GEMMA4_TEXT, CheckpointInfo, from_pretrained_complete
 from dg_pipeline.model.logits import encoder_causal_lm_logits
 from dg_pipeline.model.structure import untied_backbone_weights
 
@@ -188,13 +188,7 @@ def load_gemma4(info: CheckpointInfo, dtype: torch.dtype, device: str = "cpu", k
     config = AutoConfig.from_pretrained(info.path)
     check_convertible(config, f"{key}={info.path}")
     model_class = Gemma4ForCausalLM if info.model_type == GEMMA4_TEXT else Gemma4ForConditionalGeneration
-    model, loading = model_class.from_pretrained(info.path, dtype=dtype, output_loading_info=True)
-    if loading["missing_keys"]:
-        missing = sorted(loading["missing_keys"])
-        raise InputError(
-            f"{key}={info.path}: the weights lack {len(missing)} tensors of {model_class.__name__} "
-            f"(e.g. {', '.join(missing[:3])}); the checkpoint is incomplete or from another model"
-        )
+    model = from_pretrained_complete(model_class, info, dtype, key, model_class.__name__)
     return model.to(device).eval()
 
 

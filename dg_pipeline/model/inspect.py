@@ -82,3 +82,16 @@ def inspect_checkpoint(path: str | Path, key: str = "model.base") -> CheckpointI
             f"next to the weights with tokenizer.save_pretrained({str(path)!r})"
         )
     return CheckpointInfo(path, model_type, tuple(config.get("architectures") or ()), config)
+
+
+def from_pretrained_complete(model_class, info: CheckpointInfo, dtype, key: str, what: str):
+    """`model_class.from_pretrained(info.path)`, refusing a checkpoint that lacks tensors (transformers would
+    initialise them randomly and carry on)."""
+    model, loading = model_class.from_pretrained(info.path, dtype=dtype, output_loading_info=True)
+    if loading["missing_keys"]:
+        missing = sorted(loading["missing_keys"])
+        raise InputError(
+            f"{key}={info.path}: the weights lack {len(missing)} {what} tensors "
+            f"(e.g. {', '.join(missing[:3])}); the checkpoint is incomplete or from another model"
+        )
+    return model

@@ -18,7 +18,7 @@ from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import atomic_dir
 from dg_pipeline.model.convert import ConversionReport, convert_checkpoint
 from dg_pipeline.model.generation import complete_generation_config
-from dg_pipeline.model.inspect import CheckpointInfo, inspect_checkpoint
+from dg_pipeline.model.inspect import CheckpointInfo, from_pretrained_complete, inspect_checkpoint
 from dg_pipeline.model.structure import untied_backbone_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,13 +61,7 @@ def load_tokenizer(info: CheckpointInfo, key: str = "model.base"):
 
 
 def _load_diffusion_gemma(info: CheckpointInfo, dtype: torch.dtype, key: str) -> DiffusionGemmaForBlockDiffusion:
-    model, loading = DiffusionGemmaForBlockDiffusion.from_pretrained(info.path, dtype=dtype, output_loading_info=True)
-    if loading["missing_keys"]:
-        missing = sorted(loading["missing_keys"])
-        raise InputError(
-            f"{key}={info.path}: the weights lack {len(missing)} DiffusionGemma tensors "
-            f"(e.g. {', '.join(missing[:3])}); the checkpoint is incomplete"
-        )
+    model = from_pretrained_complete(DiffusionGemmaForBlockDiffusion, info, dtype, key, "DiffusionGemma")
     untied = untied_backbone_weights(model)
     if untied:
         raise InputError(

@@ -52,15 +52,18 @@ def eval_examples(cfg: DictConfig, tokenizer, rd: RunDir) -> list:
     return chat_examples(records, tokenizer, data.get("max_prompt_length"), bool(data.get("chat_template", True)))
 
 
-def provider_record(model_dir: Path) -> dict | None:
-    """The task-gate record of the stage that wrote `model_dir` (<stage>/model -> <stage>/verify.json), if any.
-
-    Records without an accuracy (stage=base checks weights, not a task) are no reference.
-    """
-    path = Path(model_dir).parent / "verify.json"
+def gate_record(path: Path) -> dict | None:
+    """The task-gate record at `path` (a verify.json) with its `path`, or None when absent or not a task gate
+    (stage=base checks weights, not a task: no accuracy, no reference)."""
+    path = Path(path)
     if not path.is_file():
         return None
     record = read_json(path)
     if "metric" not in record or "accuracy" not in record:
         return None
     return {**record, "path": str(path)}
+
+
+def provider_record(model_dir: Path) -> dict | None:
+    """The task-gate record of the stage that wrote `model_dir` (<stage>/model -> <stage>/verify.json), if any."""
+    return gate_record(Path(model_dir).parent / "verify.json")

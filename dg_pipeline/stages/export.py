@@ -44,7 +44,7 @@ from dg_pipeline.model.io import load_model, resolve_dtype
 from dg_pipeline.model.structure import parameter_counts
 from dg_pipeline.quant import QUANT_JSON, read_quant_record, restore_quantized
 from dg_pipeline.stages.base import resolve_device
-from dg_pipeline.stages.eval import eval_examples, provider_record
+from dg_pipeline.stages.eval import eval_examples, gate_record, provider_record
 from dg_pipeline.verify import gate_reference, run_gate
 from dg_pipeline.verify.report import stage_label
 
@@ -167,7 +167,7 @@ def load_source(cfg: DictConfig, rd: RunDir, fmt: str, device: str) -> ExportSou
             raise InputError(f"input={input_dir}: not a quantize output (no {QUANT_JSON}); export.format=hf exports "
                              "a quantized model: pass a <run_dir>/quantize/<quant> dir, or export.format=bf16 for "
                              "a model dir")
-        reference = gate_reference(gate_config(cfg), STAGE, input_dir, _gate_record(input_dir / "verify.json"))
+        reference = gate_reference(gate_config(cfg), STAGE, input_dir, gate_record(input_dir / "verify.json"))
         with console.status(f"export: restoring the ModelOpt state of {input_dir}"):
             model, tokenizer, record = restore_quantized(input_dir, device=device)
         if reference is not None and not reference.get("passed", True):
@@ -183,13 +183,6 @@ def load_source(cfg: DictConfig, rd: RunDir, fmt: str, device: str) -> ExportSou
     with console.status(f"export: loading {model_dir}"):
         model, tokenizer = load_model(model_dir, dtype="float32", device=device)
     return ExportSource(model, tokenizer, input_dir, None, model_dir, reference)
-
-
-def _gate_record(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    record = read_json(path)
-    return {**record, "path": str(path)} if "accuracy" in record and "metric" in record else None
 
 
 def gate_config(cfg: DictConfig) -> DictConfig:
