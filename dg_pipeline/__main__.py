@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 # Keep third-party start-up quiet and offline: no telemetry, no hub look-ups (rule 4).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,10 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from nemo.core.config import hydra_runner  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from dg_pipeline.settings import CONF_DIR  # noqa: E402
 
 
-@hydra_runner(config_path=CONF_DIR, config_name="config")
+@hydra_runner(config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     from dg_pipeline.core.errors import PipelineError
     from dg_pipeline.stages import run_stage

@@ -8,17 +8,26 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def compose(*overrides: str):
-    """The DictConfig `python -m dg_pipeline <overrides>` would run with."""
+    """The DictConfig `python -m dg_pipeline <overrides>` would run with, with Hydra's record of the run (its
+    overrides, HydraConfig) set as the entry point sets it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    import dg_pipeline  # noqa: F401  (registers the config schema)
 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-            return hydra_compose(config_name="config", overrides=list(overrides))
+            cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def write_sft_gate(model_dir: Path, *overrides: str) -> dict:

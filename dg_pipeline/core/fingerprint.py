@@ -1,4 +1,5 @@
-"""Stage fingerprints: a stage reruns when a config key it reads, or its input, changed.
+"""Stage fingerprints: a stage reruns when a config group it reads (the registry's fingerprint_keys), or its input,
+changed.
 
 `stage=all` keeps one per stage in <run_dir>/.dg_state/; a standalone `stage=quantize` records its own in quant.json,
 so re-running it with other settings (or on a retrained input) re-calibrates instead of returning the old output.
@@ -9,26 +10,25 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-# The config keys each stage reads: a change in any of them (or in the stage's input) reruns the stage.
-STAGE_KEYS = {
-    "base": ("model", "seed"),
-    "pretrain": ("model", "data", "trainer", "seed"),
-    "sft": ("model", "data", "objective", "trainer", "sampler", "verify", "seed"),
-    "quantize": ("quant", "calib", "sampler", "verify", "seed"),
-    "export": ("export", "quant", "sampler", "verify"),
-}
+from dg_pipeline.core.registry import STAGES
+
+
+def config_fingerprint(cfg: DictConfig, keys: Iterable[str], upstream: str) -> str:
+    """A short hash of the config groups `keys` of `cfg` and of `upstream` (what the work starts from)."""
+    values = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
+              for k in keys}
+    if "quant" in values:
+        values["quant"].pop("formats", None)  # which formats run is not how this one is quantized
+    blob = json.dumps({"upstream": upstream, "keys": values}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def stage_fingerprint(cfg: DictConfig, stage: str, upstream_fingerprint: str) -> str:
-    keys = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
-            for k in STAGE_KEYS[stage]}
-    if "quant" in keys:
-        keys["quant"].pop("formats", None)  # which formats run is not how this one is quantized
-    blob = json.dumps({"upstream": upstream_fingerprint, "keys": keys}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return config_fingerprint(cfg, STAGES[stage].fingerprint_keys, upstream_fingerprint)
 
 
 def input_identity(model_dir: str | Path) -> str:

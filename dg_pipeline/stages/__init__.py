@@ -1,16 +1,21 @@
-"""One small module per stage; each only wires components together. `run_stage` dispatches on cfg.stage."""
+"""One small module per row of the stage registry (dg_pipeline.core.registry), each only wiring components, and
+`all`, which plans and runs them. `run_stage` dispatches on cfg.stage."""
 
 from __future__ import annotations
-
-import importlib
-from pathlib import Path
 
 from omegaconf import DictConfig
 
 from dg_pipeline.core.errors import InputError
+from dg_pipeline.core.registry import STAGES as REGISTRY
 from dg_pipeline.core.rundir import RunDir
+from dg_pipeline.settings import RunSettings
+from dg_pipeline.stages import all as all_stages
+from dg_pipeline.stages import base, check, export, pretrain, quantize, sft
+from dg_pipeline.stages import eval as eval_stage
 
-STAGES = ("base", "pretrain", "sft", "eval", "quantize", "export", "check", "all")
+# stage name -> its run(cfg); a test holds these to the registry's rows.
+RUNNERS = {module.STAGE: module.run for module in (base, pretrain, sft, eval_stage, quantize, export, check)}
+STAGES = (*REGISTRY, all_stages.STAGE)
 
 
 def run_stage(cfg: DictConfig):
@@ -18,8 +23,9 @@ def run_stage(cfg: DictConfig):
     stage = str(cfg.stage)
     if stage not in STAGES:
         raise InputError(f"stage={stage}: unknown stage; choose one of {', '.join(STAGES)}")
-    if stage in ("all", "check"):
-        return importlib.import_module(f"dg_pipeline.stages.{stage}").run(cfg)
+    RunSettings.from_cfg(cfg)  # every group's rules, before any work
+    if stage == all_stages.STAGE:
+        return all_stages.run(cfg, run_stage_tracked)
     return run_stage_tracked(cfg)
 
 
@@ -28,7 +34,7 @@ def run_stage_tracked(cfg: DictConfig, variant: str | None = None):
     from dg_pipeline.tracking import artifact_name, track_stage
 
     stage = str(cfg.stage)
-    result = importlib.import_module(f"dg_pipeline.stages.{stage}").run(cfg)
+    result = RUNNERS[stage](cfg)
     rd = RunDir.from_cfg(cfg)
     out_dir, variant, upstream = _output_and_upstream(cfg, rd, stage, variant)
     if out_dir is not None and out_dir.exists():
@@ -39,23 +45,14 @@ def run_stage_tracked(cfg: DictConfig, variant: str | None = None):
 
 def _output_and_upstream(cfg: DictConfig, rd: RunDir, stage: str, variant: str | None):
     """Where a stage wrote, its variant label, and (stage, variant) of the stage it consumed."""
-    if stage == "base":
-        return rd.model_dir("base"), None, None
-    if stage == "pretrain":
-        return rd.model_dir("pretrain"), None, ("base", None)
-    if stage == "sft":
-        return rd.model_dir("sft"), None, ("pretrain" if rd.model_dir("pretrain").exists() else "base", None)
-    if stage == "eval":
-        return rd.stage("eval"), None, ("sft", None)
-    if stage == "quantize":
-        from dg_pipeline.stages.quantize import output_name
-
-        fmt = variant or output_name(cfg)
-        return rd.stage("quantize") / fmt, fmt, ("sft", None)
-    if stage == "export":
-        from dg_pipeline.stages.export import export_name, quantize_input
-
-        name = variant or export_name(cfg, rd)
-        upstream = ("quantize", quantize_input(cfg, rd).name) if cfg.export.format == "hf" else ("sft", None)
-        return rd.stage("export") / name, name, upstream
-    return None, None, None
+    if REGISTRY[stage].output is None:
+        return None, None, None
+    provider = rd.provider(stage)
+    upstream = (provider, None) if provider else None
+    if stage == quantize.STAGE:
+        variant = variant or quantize.output_name(cfg)
+    elif stage == export.STAGE:
+        variant = variant or export.export_name(cfg, rd)
+        hf = str(cfg.export.format) == "hf"
+        upstream = (provider, export.quantize_input(cfg, rd).name) if hf else (sft.STAGE, None)
+    return rd.output(stage, variant), variant, upstream

@@ -1,97 +1,83 @@
-"""stage=all: base -> [pretrain] -> sft (gate) -> quantize per format (gate) -> export per format (check + gate).
+"""stage=all: the registry's stages in order: base -> [pretrain] -> sft (gate) -> per quant.formats entry:
+quantize (gate) -> export (check + gate).
 
-A stage is skipped when its output exists and its fingerprint (the config keys it reads + its input's
-fingerprint) is unchanged; `force=true` reruns everything. Fingerprints live in <run_dir>/.dg_state/.
+Each step is what its own command line would run: this run's overrides plus the step's (`stage=quantize
+quant=nvfp4`, ...), composed by Hydra, so a `quant.kv_cache=fp8` on the command line reaches every format while each
+format keeps its own conf/quant/<fmt>.yaml. A step is skipped when its output exists and its fingerprint (the config
+groups it reads + its input's fingerprint) is unchanged; `force=true` reruns everything. Fingerprints live in
+<run_dir>/.dg_state/.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 from dg_pipeline.core.fingerprint import stage_fingerprint
-from dg_pipeline.core.io import atomic_write_json
+from dg_pipeline.core.io import atomic_write_json, read_json
+from dg_pipeline.core.registry import SAME_FINGERPRINT, decide_reuse
 from dg_pipeline.core.rundir import RunDir
-from dg_pipeline.stages.quantize import output_name
+from dg_pipeline.settings import RunSettings, compose
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+STAGE = "all"
+# Keys each step sets itself; the run's own values for them do not reach the steps.
+STEP_KEYS = ("stage", "run_dir", "input", "force", "quant", "export.format", "export.name", "export.overwrite")
 
 
 @dataclass
 class PlannedStage:
     stage: str
     variant: str | None
-    cfg: DictConfig
+    overrides: list[str]  # the command line (after `python -m dg_pipeline`) that runs this step alone
+    cfg: DictConfig  # what that command line composes
     output: Path
     upstream: "PlannedStage | None"
-    fingerprint: str = ""
+    fingerprint: str = field(default="")
 
     @property
     def label(self) -> str:
         return f"{self.stage}[{self.variant}]" if self.variant else self.stage
 
 
-def quant_group_file(fmt: str) -> Path:
-    group_file = CONF_DIR / "quant" / f"{fmt}.yaml"
-    if not group_file.exists():
-        from dg_pipeline.core.errors import InputError
+def run_overrides(overrides: Sequence[str] | None = None) -> list[str]:
+    """This run's command-line overrides (Hydra's record of them), less the keys each step sets itself."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        choices = sorted(p.stem for p in (CONF_DIR / "quant").glob("*.yaml"))
-        raise InputError(f"quant.formats contains '{fmt}': no conf/quant/{fmt}.yaml; choose from {choices}")
-    return group_file
-
-
-def quant_overrides(cfg: DictConfig) -> dict:
-    """The quant.* values this run sets over its composed quant group (on the command line or in the recipe), e.g.
-    quant.kv_cache=fp8: they apply to every format of quant.formats, as `quant=<fmt> quant.kv_cache=fp8` would."""
-    composed = OmegaConf.to_container(OmegaConf.load(quant_group_file(str(cfg.quant.name))), resolve=True)
-    current = OmegaConf.to_container(cfg.quant, resolve=True)
-    return {k: v for k, v in current.items() if k not in ("name", "formats") and composed.get(k) != v}
+    if overrides is None:
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    return [o.input_line for o in parsed if o.key_or_group not in STEP_KEYS]
 
 
-def with_quant_format(cfg: DictConfig, fmt: str) -> DictConfig:
-    """cfg with the `quant` group switched to conf/quant/<fmt>.yaml plus this run's quant.* overrides."""
-    out = copy.deepcopy(cfg)
-    with open_dict(out):
-        out.quant = OmegaConf.merge(OmegaConf.load(quant_group_file(fmt)), quant_overrides(cfg))
-        out.quant.formats = list(cfg.quant.formats)
-        out.input = None
-    return out
-
-
-def plan(cfg: DictConfig) -> list[PlannedStage]:
+def plan(cfg: DictConfig, overrides: Sequence[str] | None = None) -> list[PlannedStage]:
+    """The steps of stage=all for `cfg` (`overrides`: its command line; None = Hydra's record of it)."""
+    settings = RunSettings.from_cfg(cfg)
     rd = RunDir.from_cfg(cfg)
+    common = [*run_overrides(overrides), f"run_dir={rd.root}", "force=true"]
     steps: list[PlannedStage] = []
 
-    def add(stage, variant, stage_cfg, output, upstream):
-        step = PlannedStage(stage, variant, stage_cfg, output, upstream)
-        step.fingerprint = stage_fingerprint(stage_cfg, stage, upstream.fingerprint if upstream else "")
+    def add(stage: str, upstream: PlannedStage | None, variant: str | None = None, *extra: str) -> PlannedStage:
+        step_overrides = [*common, f"stage={stage}", *extra]
+        step_cfg = compose(step_overrides)
+        step = PlannedStage(stage, variant, step_overrides, step_cfg, rd.output(stage, variant), upstream)
+        step.fingerprint = stage_fingerprint(step_cfg, stage, upstream.fingerprint if upstream else "")
         steps.append(step)
         return step
 
-    base_cfg = copy.deepcopy(cfg)
-    with open_dict(base_cfg):
-        base_cfg.input = None
-    prev = add("base", None, base_cfg, rd.model_dir("base"), None)
-    if int(cfg.trainer.get("pretrain_steps", 0) or 0) > 0:
-        prev = add("pretrain", None, base_cfg, rd.model_dir("pretrain"), prev)
-    sft = add("sft", None, base_cfg, rd.model_dir("sft"), prev)
-    for fmt in cfg.quant.formats:
-        qcfg = with_quant_format(cfg, str(fmt))
-        name = output_name(qcfg)  # fp8, or fp8-text under calib=text
-        quant = add("quantize", name, qcfg, rd.stage("quantize") / name, sft)
-        ecfg = copy.deepcopy(qcfg)
-        with open_dict(ecfg):
-            ecfg.input = str(quant.output)
-            ecfg.export.format = "hf"
-            ecfg.export.name = name
-            ecfg.export.overwrite = True  # the fingerprint decided to rebuild it
-        add("export", name, ecfg, rd.stage("export") / name, quant)
+    previous = add("base", None)
+    if settings.trainer.pretrain_steps > 0:
+        previous = add("pretrain", previous)
+    sft = add("sft", previous)
+    for fmt in settings.quant.formats:
+        name = settings.calib.output_name(fmt)
+        quantize = add("quantize", sft, name, f"quant={fmt}")
+        add("export", quantize, name, f"quant={fmt}", f"input={quantize.output}", "export.format=hf",
+            f"export.name={name}", "export.overwrite=true")  # the fingerprint decided to rebuild it
     return steps
 
 
@@ -100,36 +86,36 @@ def state_file(rd: RunDir, step: PlannedStage) -> Path:
 
 
 def is_up_to_date(rd: RunDir, step: PlannedStage) -> bool:
+    return reuse(rd, step, force=False).skip
+
+
+def reuse(rd: RunDir, step: PlannedStage, force: bool):
     f = state_file(rd, step)
-    if not step.output.exists() or not f.exists():
-        return False
-    return json.loads(f.read_text()).get("fingerprint") == step.fingerprint
+    recorded = read_json(f).get("fingerprint") if f.exists() else None
+    return decide_reuse(SAME_FINGERPRINT, step.output, force=force, fingerprint=step.fingerprint,
+                        recorded_fingerprint=recorded)
 
 
-def run(cfg: DictConfig) -> dict:
-    from dg_pipeline.stages import run_stage_tracked
-
+def run(cfg: DictConfig, run_step: Callable[[DictConfig, str | None], dict]) -> dict:
+    """Plan, then run each step through `run_step(step_cfg, variant)` (the CLI's tracked runner)."""
     rd = RunDir.from_cfg(cfg)
     steps = plan(cfg)
     print(f"stage=all into {rd.root}: " + " -> ".join(s.label for s in steps))
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     for step in steps:
-        if not cfg.force and is_up_to_date(rd, step):
+        decision = reuse(rd, step, force=bool(cfg.force))
+        if decision.skip:
             print(f"[all] {step.label}: up to date (fingerprint {step.fingerprint}), skipped")
             timings[step.label] = 0.0
             continue
-        step_cfg = copy.deepcopy(step.cfg)
-        with open_dict(step_cfg):
-            step_cfg.stage = step.stage
-            step_cfg.force = True
-        print(f"\n[all] ===== {step.label} =====")
+        print(f"\n[all] ===== {step.label} ===== ({decision.reason})")
         t0 = time.perf_counter()
-        run_stage_tracked(step_cfg, variant=step.variant)
+        run_step(step.cfg, step.variant)
         timings[step.label] = round(time.perf_counter() - t0, 1)
         atomic_write_json(state_file(rd, step), {"fingerprint": step.fingerprint, "stage": step.label})
     summary = {"run_dir": str(rd.root), "seconds": round(time.perf_counter() - t_all, 1), "stages": timings}
-    atomic_write_json(rd.root / "all" / "summary.json", summary)
+    atomic_write_json(rd.root / STAGE / "summary.json", summary)
     _print_final_table(rd)
     print(f"\n[all] done in {summary['seconds']} s; outputs under {rd.root}")
     return summary

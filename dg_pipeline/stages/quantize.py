@@ -28,6 +28,7 @@ from rich.table import Table
 
 from dg_pipeline.core import InputError, RunDir, atomic_dir, atomic_write_json, read_json
 from dg_pipeline.core.fingerprint import input_identity, stage_fingerprint
+from dg_pipeline.settings import RunSettings
 from dg_pipeline.data import load_splits
 from dg_pipeline.model.io import load_model
 from dg_pipeline.quant import (
@@ -53,10 +54,8 @@ console = Console()
 
 
 def output_name(cfg: DictConfig) -> str:
-    """<quant> for the default diffusion calibration, <quant>-<mode> otherwise (so a text-calibrated comparison run
-    does not overwrite the model export reads)."""
-    name, mode = str(cfg.quant.name), str(cfg.calib.mode)
-    return name if mode == "diffusion" else f"{name}-{mode}"
+    """The quantize dir's name: <quant>, or <quant>-<calib mode> for a comparison calibration."""
+    return RunSettings.from_cfg(cfg).calib.output_name(str(cfg.quant.name))
 
 
 def run(cfg: DictConfig) -> dict:

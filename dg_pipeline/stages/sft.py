@@ -33,13 +33,6 @@ def run(cfg: DictConfig) -> dict:
     return run_training_stage(cfg, STAGE, max_steps=int(cfg.trainer.max_steps), ar_only=False)
 
 
-def stage_input(cfg: DictConfig, rundir: RunDir, stage: str) -> Path:
-    """`input=`, else pretrain's model when it exists (sft only), else base's; a missing one names its stage."""
-    pretrained = rundir.model_dir("pretrain")
-    default = pretrained if stage == STAGE and pretrained.exists() else None
-    return rundir.resolve_input(stage, cfg.get("input"), default=default)
-
-
 def run_training_stage(cfg: DictConfig, stage: str, max_steps: int, ar_only: bool) -> dict:
     """Load the input model, train it (dg_pipeline.training.train), save it, record the figures, run the gate."""
     rundir = RunDir.from_cfg(cfg)
@@ -48,7 +41,7 @@ def run_training_stage(cfg: DictConfig, stage: str, max_steps: int, ar_only: boo
         console.print(f"[bold]{stage}[/]: skipped, {model_dir} exists (force=true retrains)")
         return {**_previous_record(stage_dir), "skipped": True}
 
-    input_dir = stage_input(cfg, rundir, stage)
+    input_dir = rundir.resolve_input(stage, cfg.get("input"))  # sft: pretrain's model when it ran, else base's
     device = resolve_device(str(cfg.get("device", "auto")))
     # FP32 master weights whatever model.dtype says; trainer.precision decides the compute dtype.
     model, tokenizer = load_model(input_dir, dtype="float32", device="cpu")

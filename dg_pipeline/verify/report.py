@@ -13,9 +13,8 @@ from rich.console import Console, Group
 from rich.table import Table
 
 from dg_pipeline.core.io import read_json
+from dg_pipeline.core.registry import STAGE_ORDER
 
-# Pipeline order, for sorting records of a whole run.
-STAGE_ORDER = ("base", "pretrain", "sft", "eval", "quantize", "export", "check")
 WIDE_CONSOLE = 160
 # (header, record key, format) of the cross-stage table.
 STAGE_COLUMNS = (

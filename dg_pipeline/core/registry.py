@@ -1,0 +1,95 @@
+"""The stage registry: the one table of the pipeline's stages. Everything that needs the stage graph derives from it:
+the run-dir layout (which stage's output is whose input), the fingerprints (which config groups rerun a stage),
+the order of gate tables, stage=all's plan and the CLI's dispatch (dg_pipeline.stages, one module per row).
+
+Reuse (when a stage skips its work) is decided by `decide_reuse` alone, from the row's `reuse` rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# Reuse rules: what a stage needs to find before it reuses its output instead of running (force=true always runs).
+NEVER = "never"  # always runs (a read-only check, or an output that is refused when it exists)
+OUTPUT = "output"  # its output exists
+PASSED_GATE = "passed gate"  # its output exists and its gate record says passed
+SAME_FINGERPRINT = "same fingerprint"  # its output exists and was made with the same settings and input (stage=all)
+PASSED_GATE_SAME_FINGERPRINT = "passed gate + same fingerprint"  # both of the above
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str  # stage=<name>; its module is dg_pipeline/stages/<name>.py
+    provider: str | None  # the stage whose output is this stage's default input (input= overrides it)
+    output: str | None  # where it writes, under <run_dir> ({variant}: one dir per quant format)
+    fingerprint_keys: tuple[str, ...]  # the config groups it reads: a change in one (or in its input) reruns it
+    reuse: str  # the evidence a skip needs (see above)
+    optional: bool = False  # runs only when asked (stage=all plans it on a condition); consumers fall back
+    summary: str = ""
+
+    def output_dir(self, run_dir: Path, variant: str | None = None) -> Path | None:
+        if self.output is None:
+            return None
+        if "{variant}" in self.output and not variant:
+            raise ValueError(f"stage {self.name} writes one dir per variant; pass the variant")
+        return Path(run_dir) / self.output.format(variant=variant)
+
+
+STAGES: dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec("base", None, "base/model", ("model", "seed"), PASSED_GATE,
+              summary="base weights: model.base (loaded or converted) or model.init (random)"),
+    StageSpec("pretrain", "base", "pretrain/model", ("model", "data", "trainer", "seed"), OUTPUT, optional=True,
+              summary="causal-LM training of the shared weights (trainer.pretrain_steps > 0)"),
+    StageSpec("sft", "pretrain", "sft/model",
+              ("model", "data", "objective", "trainer", "sampler", "verify", "seed"), OUTPUT,
+              summary="block-diffusion fine-tuning, then the gate"),
+    StageSpec("eval", "sft", "eval", (), NEVER, summary="the gate on any model dir"),
+    StageSpec("quantize", "sft", "quantize/{variant}", ("quant", "calib", "sampler", "verify", "seed"),
+              PASSED_GATE_SAME_FINGERPRINT, summary="ModelOpt calibration per format, then the gate"),
+    StageSpec("export", "quantize", "export/{variant}", ("export", "quant", "sampler", "verify"), NEVER,
+              summary="the release bundle: loader rules, reload gate, model card, manifest"),
+    StageSpec("check", "export", None, (), NEVER, summary="the loader rules on exported dirs"),
+)}
+
+# Pipeline order (gate tables list stages in it).
+STAGE_ORDER = tuple(STAGES)
+
+
+def provider_of(stage: str, exists) -> str | None:
+    """The stage whose output `stage` starts from: its provider, or, past an optional provider that did not run
+    (`exists(name)` is false), that provider's own."""
+    provider = STAGES[stage].provider
+    while provider is not None and STAGES[provider].optional and not exists(provider):
+        provider = STAGES[provider].provider
+    return provider
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """Whether a stage reuses its output, and why (printed either way)."""
+
+    skip: bool
+    reason: str
+
+
+def decide_reuse(rule: str, output: Path, *, force: bool = False, gate_record: dict | None = None,
+                 fingerprint: str | None = None, recorded_fingerprint: str | None = None) -> Reuse:
+    """The one skip decision: reuse `output` only when the evidence `rule` asks for is all there (gate_record: the
+    output's verify.json, read; fingerprint: this run's; recorded_fingerprint: the one the output was made with)."""
+    if rule == NEVER:
+        return Reuse(False, "always runs")
+    if force:
+        return Reuse(False, "force=true")
+    if not Path(output).exists():
+        return Reuse(False, f"{output} does not exist")
+    if rule in (PASSED_GATE, PASSED_GATE_SAME_FINGERPRINT):
+        if gate_record is None:
+            return Reuse(False, f"{output} has no gate record")
+        if not gate_record.get("passed"):
+            return Reuse(False, f"{output} recorded a failed gate")
+    if rule in (SAME_FINGERPRINT, PASSED_GATE_SAME_FINGERPRINT) and recorded_fingerprint != fingerprint:
+        return Reuse(False, f"{output} was made with other settings or another input")
+    passed = ", passed its gate" if rule in (PASSED_GATE, PASSED_GATE_SAME_FINGERPRINT) else ""
+    same = " with these settings on this input" if rule in (SAME_FINGERPRINT, PASSED_GATE_SAME_FINGERPRINT) else ""
+    return Reuse(True, f"{output} exists{passed}{same}")

@@ -1,0 +1,44 @@
+"""The `verify` config group: the gate every stage ends with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from dg_pipeline.core.errors import InputError
+from dg_pipeline.settings.checks import check_number, check_positive_int
+
+
+@dataclass
+class VerifySettings:
+    """conf/verify/default.yaml (documents every key)."""
+
+    n_eval: Optional[int] = None  # null = data.n_eval (or the whole eval file)
+    batch_size: int = 16
+    speed_examples: int = 32
+    min_accuracy: float = 0.0
+    max_accuracy_drop: Optional[float] = None  # null = the stage's own allowance (quant/export), else no drop check
+    drop_confidence: float = 0.95
+    min_speedup: float = 0.0
+    reference: Optional[str] = None
+    ar_baseline: bool = True
+    sweep_steps: List[int] = field(default_factory=list)
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_eval is not None:
+            check_positive_int("verify.n_eval", self.n_eval, "a positive number of examples (or null = data.n_eval)")
+        check_positive_int("verify.batch_size", self.batch_size)
+        check_positive_int("verify.speed_examples", self.speed_examples)
+        if not 0.0 <= self.min_accuracy <= 1.0:
+            raise InputError(f"verify.min_accuracy={self.min_accuracy}: must be a fraction in [0, 1]")
+        check_number("verify.max_accuracy_drop", self.max_accuracy_drop, low=0.0, optional=True)
+        if not 0.0 <= self.drop_confidence < 1.0:
+            raise InputError(f"verify.drop_confidence={self.drop_confidence}: must be in [0, 1) (0 = raw drop)")
+        check_number("verify.min_speedup", self.min_speedup, low=0.0)
+        if self.min_speedup > 0 and not self.ar_baseline:
+            raise InputError(f"verify.min_speedup={self.min_speedup} needs the AR baseline: set verify.ar_baseline=true "
+                             "or verify.min_speedup=0")
+        for steps in self.sweep_steps:
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+                raise InputError(f"verify.sweep_steps contains {steps!r}: each entry must be a positive step count")

@@ -1,0 +1,92 @@
+"""The stage registry is the one table of stages: the CLI, the run-dir layout, the fingerprints, the gate tables and
+stage=all derive from it; one rule decides when a stage reuses its output."""
+
+from pathlib import Path
+
+import pytest
+
+from dg_pipeline.core.registry import (
+    NEVER,
+    OUTPUT,
+    PASSED_GATE,
+    PASSED_GATE_SAME_FINGERPRINT,
+    SAME_FINGERPRINT,
+    STAGE_ORDER,
+    STAGES,
+    decide_reuse,
+)
+from dg_pipeline.core.rundir import RunDir
+
+PIPELINE_DIR = Path(__file__).resolve().parents[1] / "dg_pipeline"
+
+
+def test_every_stage_the_cli_offers_has_a_registry_row_and_a_module():
+    from dg_pipeline.stages import RUNNERS
+    from dg_pipeline.stages import STAGES as CLI_STAGES
+
+    assert set(CLI_STAGES) == set(STAGES) | {"all"}
+    assert set(RUNNERS) == set(STAGES)
+    for name in STAGES:
+        assert (PIPELINE_DIR / "stages" / f"{name}.py").is_file()
+        assert RUNNERS[name].__module__ == f"dg_pipeline.stages.{name}"
+
+
+def test_the_conf_comment_lists_the_cli_stages():
+    config = (PIPELINE_DIR.parent / "conf" / "config.yaml").read_text()
+    assert "# Which stage to run: " + " | ".join([*STAGES, "all"]) in config
+
+
+def test_every_provider_is_an_earlier_stage_and_the_chain_reaches_base():
+    for spec in STAGES.values():
+        if spec.provider is not None:
+            assert STAGE_ORDER.index(spec.provider) < STAGE_ORDER.index(spec.name)
+    chain, stage = [], "check"
+    while stage is not None:
+        chain.append(stage)
+        stage = STAGES[stage].provider
+    assert chain == ["check", "export", "quantize", "sft", "pretrain", "base"]
+
+
+def test_sft_starts_from_pretrain_when_it_ran_and_from_base_otherwise(tmp_path):
+    rd = RunDir(tmp_path)
+    (tmp_path / "base" / "model").mkdir(parents=True)
+    assert rd.provider("sft") == "base" and rd.resolve_input("sft", None) == tmp_path / "base" / "model"
+    (tmp_path / "pretrain" / "model").mkdir(parents=True)
+    assert rd.provider("sft") == "pretrain" and rd.resolve_input("sft", None) == tmp_path / "pretrain" / "model"
+
+
+def test_a_missing_input_names_the_stage_that_provides_it(tmp_path):
+    from dg_pipeline.core.errors import InputError
+
+    with pytest.raises(InputError, match=r"stage=quantize needs .*sft/model.*run `stage=sft run_dir="):
+        RunDir(tmp_path).resolve_input("quantize", None)
+
+
+def test_fingerprint_keys_are_config_groups(compose_cfg):
+    cfg = compose_cfg()
+    for spec in STAGES.values():
+        assert all(key in cfg for key in spec.fingerprint_keys), spec.name
+
+
+def test_the_gate_tables_list_stages_in_registry_order():
+    from dg_pipeline.verify.report import load_stage_records
+
+    records = {f"{name}": {"stage": name} for name in reversed(STAGE_ORDER)}
+    assert [label for label, _ in load_stage_records(records)] == list(STAGE_ORDER)
+
+
+@pytest.mark.parametrize("rule", [OUTPUT, PASSED_GATE, SAME_FINGERPRINT, PASSED_GATE_SAME_FINGERPRINT])
+def test_the_skip_rule_reuses_an_output_only_with_all_the_evidence_its_rule_asks_for(rule, tmp_path):
+    out = tmp_path / "out"
+    evidence = dict(gate_record={"passed": True}, fingerprint="abc", recorded_fingerprint="abc")
+    assert not decide_reuse(rule, out, **evidence).skip  # no output
+    out.mkdir()
+    assert decide_reuse(rule, out, **evidence).skip
+    forced = decide_reuse(rule, out, force=True, **evidence)
+    assert not forced.skip and forced.reason == "force=true"
+    failed = decide_reuse(rule, out, **{**evidence, "gate_record": {"passed": False}})
+    other = decide_reuse(rule, out, **{**evidence, "recorded_fingerprint": "xyz"})
+    assert failed.skip == (rule not in (PASSED_GATE, PASSED_GATE_SAME_FINGERPRINT))
+    assert other.skip == (rule not in (SAME_FINGERPRINT, PASSED_GATE_SAME_FINGERPRINT))
+    assert "other settings" in other.reason or other.skip
+    assert not decide_reuse(NEVER, out, **evidence).skip
