@@ -29,8 +29,9 @@ from rich.table import Table
 
 from dg_pipeline.core.io import atomic_write_json
 from dg_pipeline.data import build_board_tokenizer, generate_boards, left_padded_prompts, sudoku_examples
-from dg_pipeline.model import build_model, default_generation_config, load_model, resolve_dtype
+from dg_pipeline.model import build_model, load_model, resolve_dtype
 from dg_pipeline.sampling import BlockDiffusionSampler, GenerationResult, SamplerConfig, ar_generate
+from dg_pipeline.settings.sampler import generation_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -187,10 +188,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     model, tokenizer, name = load(args, device, dtype)
     use_eos = args.eos if args.eos is not None else args.model is not None
-    gen_cfg = default_generation_config(tokenizer, max_denoising_steps=args.steps) if args.model is None else \
-        model.generation_config
-    if args.steps is not None:
-        gen_cfg.max_denoising_steps = args.steps
+    gen_cfg = generation_config(tokenizer, base=model.generation_config if args.model else None,
+                                max_denoising_steps=args.steps)
     if not use_eos:
         gen_cfg.eos_token_id = None
     # generate() fills unset keys from model.generation_config: make it this run's config so both samplers agree.

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-# Keep third-party start-up quiet and offline: no telemetry, no hub look-ups (rule 4).
+# Keep third-party start-up quiet and offline: no telemetry, no hub look-ups (weights and data are local only).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")

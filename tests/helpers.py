@@ -30,16 +30,27 @@ def compose(*overrides: str):
     return cfg
 
 
+def gate_settings(*overrides: str, own_allowance: str | None = None):
+    """The GateSettings a stage hands its gate, for the run `python -m dg_pipeline <overrides>`."""
+    from dg_pipeline.settings import RunSettings
+    from dg_pipeline.verify import GateSettings
+
+    return GateSettings.for_run(RunSettings.from_cfg(compose(*overrides)), own_allowance)
+
+
 def write_sft_gate(model_dir: Path, *overrides: str) -> dict:
     """Run the real verification gate on <model_dir> as stage=sft does: <model_dir>/../verify.json, the record the
     quantize and export gates measure their accuracy drop against. `overrides` size it (eval boards, steps)."""
     from dg_pipeline.core import RunDir
+    from dg_pipeline.data import load_eval_examples
     from dg_pipeline.model import load_model
-    from dg_pipeline.stages.eval import eval_examples
-    from dg_pipeline.verify import run_gate
+    from dg_pipeline.settings import RunSettings
+    from dg_pipeline.verify import GateSettings, run_gate
 
     model_dir = Path(model_dir)
     cfg = compose(f"run_dir={model_dir.parent.parent}", "device=cpu", "logger=none", *overrides)
+    settings = RunSettings.from_cfg(cfg)
+    gate = GateSettings.for_run(settings)
     model, tokenizer = load_model(model_dir)
-    examples = eval_examples(cfg, tokenizer, RunDir.from_cfg(cfg))
-    return run_gate(model, tokenizer, examples, cfg, "sft", model_dir, model_dir.parent)
+    examples = load_eval_examples(settings.data, tokenizer, RunDir.from_cfg(cfg), settings.seed, limit=gate.n_eval)
+    return run_gate(model, tokenizer, examples, gate, "sft", model_dir, model_dir.parent)

@@ -21,6 +21,7 @@ from dg_pipeline.data import (
     read_kaggle_csv,
 )
 from dg_pipeline.data.tokenizer import build_char_tokenizer
+from dg_pipeline.settings import DataSettings, group_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "data" / "samples"
@@ -175,9 +176,8 @@ def test_a_prompt_longer_than_max_prompt_length_names_the_row_and_the_key(tmp_pa
 
 
 def sudoku_cfg(**overrides):
-    cfg = OmegaConf.load(REPO / "conf" / "data" / "sudoku4.yaml")
-    cfg.merge_with({"n_train": 300, "n_val": 40, "n_eval": 60, "workers": 1, **overrides})
-    return cfg
+    group = OmegaConf.load(REPO / "conf" / "data" / "sudoku4.yaml")
+    return group_settings(DataSettings, group, {"n_train": 300, "n_val": 40, "n_eval": 60, "workers": 1, **overrides})
 
 
 def puzzles(examples) -> set[str]:
@@ -236,7 +236,7 @@ def test_an_eval_file_alone_keeps_its_boards_and_the_generated_training_boards_a
 
 
 def test_chat_without_a_train_path_names_the_key(tmp_path):
-    cfg = OmegaConf.load(REPO / "conf" / "data" / "chat.yaml")  # train_path: ???
+    cfg = group_settings(DataSettings, OmegaConf.load(REPO / "conf" / "data" / "chat.yaml"))  # train_path: ???
     with pytest.raises(InputError, match=r"data\.train_path is required for recipe=chat"):
         load_splits(cfg, build_char_tokenizer(), tmp_path, seed=0)
 
@@ -244,8 +244,8 @@ def test_chat_without_a_train_path_names_the_key(tmp_path):
 def test_chat_splits_hold_out_eval_and_val_prompts_from_training(tmp_path):
     rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(30)]
     path = jsonl(tmp_path / "chat.jsonl", rows + rows[:5])
-    cfg = OmegaConf.load(REPO / "conf" / "data" / "chat.yaml")
-    cfg.merge_with({"train_path": str(path), "n_val": 4, "n_eval": 6})
+    cfg = group_settings(DataSettings, OmegaConf.load(REPO / "conf" / "data" / "chat.yaml"),
+                         {"train_path": str(path), "n_val": 4, "n_eval": 6})
     splits = load_splits(cfg, build_char_tokenizer(), tmp_path, seed=0)
     prompts = [{e.meta["completion"] for e in s} for s in (splits.train, splits.val, splits.eval)]
     assert [len(p) for p in prompts] == [20, 4, 6]
@@ -254,6 +254,6 @@ def test_chat_splits_hold_out_eval_and_val_prompts_from_training(tmp_path):
 
 def test_an_unknown_kind_and_a_too_small_max_prompt_length_name_their_keys(tmp_path):
     with pytest.raises(InputError, match=r"data\.kind='images': unknown data kind"):
-        load_splits({"kind": "images"}, build_board_tokenizer(), tmp_path, seed=0)
+        load_splits(group_settings(DataSettings, {"kind": "images"}), build_board_tokenizer(), tmp_path, seed=0)
     with pytest.raises(InputError, match=r"data\.max_prompt_length=10: a 4x4 prompt is 18 tokens .*>=18"):
         load_splits(sudoku_cfg(max_prompt_length=10), build_board_tokenizer(), tmp_path, seed=0)

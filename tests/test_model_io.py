@@ -19,7 +19,6 @@ from dg_pipeline.core.errors import InputError
 from dg_pipeline.data.tokenizer import build_board_tokenizer
 from dg_pipeline.model import (
     build_model,
-    default_generation_config,
     encoder_causal_lm_logits,
     load_base,
     load_model,
@@ -28,6 +27,7 @@ from dg_pipeline.model import (
 )
 from dg_pipeline.model.convert import parity_probe
 from dg_pipeline.model.tiny_gemma4 import save_tiny_gemma4
+from dg_pipeline.settings.sampler import generation_config
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def saved_dir(tiny_model, tokenizer, tmp_path_factory):
 
 
 def test_default_generation_config_has_the_reference_sampler_settings_and_the_tokenizer_ids(tokenizer):
-    config = default_generation_config(tokenizer)
+    config = generation_config(tokenizer)
     assert isinstance(config, DiffusionGemmaGenerationConfig)
     assert config.max_denoising_steps == 48
     assert config.sampler_config.entropy_bound == 0.1
@@ -60,7 +60,7 @@ def test_default_generation_config_has_the_reference_sampler_settings_and_the_to
 
 
 def test_generation_config_overrides_win_and_null_means_keep_the_default(tokenizer):
-    config = default_generation_config(tokenizer, max_denoising_steps=12, entropy_bound=1, t_min=None)
+    config = generation_config(tokenizer, max_denoising_steps=12, entropy_bound=1, t_min=None)
     assert config.max_denoising_steps == 12
     assert config.sampler_config.entropy_bound == 1.0  # a YAML int is accepted
     assert config.t_min == 0.4
@@ -68,7 +68,7 @@ def test_generation_config_overrides_win_and_null_means_keep_the_default(tokeniz
 
 def test_an_invalid_generation_setting_is_one_input_error(tokenizer):
     with pytest.raises(InputError, match="t_max"):
-        default_generation_config(tokenizer, t_min=0.9, t_max=0.5)
+        generation_config(tokenizer, t_min=0.9, t_max=0.5)
 
 
 # --- saved dir -------------------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def test_a_saved_dir_holds_safetensors_config_tokenizer_and_the_sampler_keys_vll
 
 
 def test_generation_config_json_round_trips_through_both_from_pretrained(saved_dir, tokenizer):
-    expected = default_generation_config(tokenizer).to_json_string(use_diff=False, ignore_metadata=True)
+    expected = generation_config(tokenizer).to_json_string(use_diff=False, ignore_metadata=True)
     standalone = DiffusionGemmaGenerationConfig.from_pretrained(saved_dir)
     assert standalone.to_json_string(use_diff=False, ignore_metadata=True) == expected
     model = DiffusionGemmaForBlockDiffusion.from_pretrained(saved_dir)

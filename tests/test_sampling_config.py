@@ -1,11 +1,8 @@
 """SamplerConfig: defaults come from the checkpoint's generation config; overrides of None keep them; bad values fail
 with one error naming the key."""
 
-from pathlib import Path
-
 import pytest
 import torch
-from omegaconf import OmegaConf
 from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
     DiffusionGemmaGenerationConfig,
     EntropyBoundSamplerConfig,
@@ -13,9 +10,7 @@ from transformers.models.diffusion_gemma.generation_diffusion_gemma import (
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.sampling import SamplerConfig
-
-SAMPLER_YAML = Path(__file__).resolve().parents[1] / "conf" / "sampler" / "default.yaml"
-
+from dg_pipeline.settings import RunSettings
 
 def checkpoint_config(**changes):
     values = dict(
@@ -58,9 +53,9 @@ def test_a_generation_config_json_dict_works_like_the_object():
     assert SamplerConfig.from_generation_config(as_json) == SamplerConfig.from_generation_config(checkpoint_config())
 
 
-def test_the_default_sampler_yaml_runs_the_checkpoint_as_is():
-    sampler_yaml = OmegaConf.load(SAMPLER_YAML)
-    config = SamplerConfig.from_hydra(sampler_yaml, checkpoint_config())
+def test_the_default_sampler_group_runs_the_checkpoint_as_is(compose_cfg):
+    settings = RunSettings.from_cfg(compose_cfg()).sampler  # conf/sampler/default.yaml
+    config = SamplerConfig.from_generation_config(checkpoint_config(), **settings.sampler_overrides())
     assert config.max_denoising_steps == 12 and config.entropy_bound == 0.3 and config.compile == "auto"
 
 

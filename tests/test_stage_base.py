@@ -44,7 +44,7 @@ def test_model_init_tiny_writes_a_loadable_model_dir_and_a_passing_verify_json(b
     names = {c["name"] for c in verify["checks"]}
     assert {"untied_backbone_weights_after_reload", "reload_max_abs_logit_diff", "generation_config_round_trip",
             "tokenizer_round_trip"} <= names
-    assert all(set(c) == {"name", "value", "threshold", "passed"} for c in verify["checks"])
+    assert all(set(c) == {"name", "value", "threshold", "op", "passed"} for c in verify["checks"])
 
 
 def test_a_second_run_is_skipped_and_says_so_and_force_rebuilds(base_cfg, tmp_path, capsys):

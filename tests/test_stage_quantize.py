@@ -114,3 +114,27 @@ def test_a_rerun_reuses_a_passed_output_only_with_the_same_settings_and_input(co
     assert "skipped" not in changed and changed["kv_cache"] == "fp8"
     record = json.loads((tmp_path / "quantize" / "fp8" / "quant.json").read_text())
     assert record["kv_cache"] == "fp8" and record["fingerprint"] == changed["fingerprint"] != first["fingerprint"]
+
+
+@pytest.mark.parametrize("objective, all_mask_canvases", [("masked", True), ("uniform", False)])
+def test_calibration_samples_the_canvas_the_run_was_trained_for(compose_cfg, objective, all_mask_canvases):
+    """A masked model is calibrated on <mask> canvases, as its gate and inference run it (not on uniform noise)."""
+    from dg_pipeline.data import generate_boards, sudoku_examples
+    from dg_pipeline.settings import RunSettings
+    from dg_pipeline.stages.quantize import forward_loop
+
+    tokenizer = build_board_tokenizer()
+    model = build_model("tiny", tokenizer, canvas_length=17, seed=0)
+    examples = sudoku_examples(generate_boards(4, 4, 4, 10, seed=0), tokenizer)
+    settings = RunSettings.from_cfg(compose_cfg(*FAST, f"objective={objective}", "sampler.max_denoising_steps=2"))
+    loop, recorded = forward_loop(settings, model, tokenizer, examples)
+    assert recorded["canvas_init"] == ("mask" if objective == "masked" else "uniform")
+
+    rows = []
+    hook = model.model.decoder.embed_tokens.register_forward_pre_hook(lambda _m, args: rows.extend(args[0].tolist()))
+    try:
+        loop(model)
+    finally:
+        hook.remove()
+    mask_canvases = [r for r in rows if len(r) == 17 and set(r) == {tokenizer.mask_token_id}]
+    assert bool(mask_canvases) is all_mask_canvases

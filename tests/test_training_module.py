@@ -21,7 +21,15 @@ from dg_pipeline.training.module import (
     freeze_vision,
     parameter_groups,
 )
-from dg_pipeline.training.trainer import exp_manager_config, final_state_dict, fit, make_loaders, prepare_exp_dir
+from dg_pipeline.settings import LoggerSettings, ObjectiveSettings, TrainerSettings, group_settings
+from dg_pipeline.training.trainer import (
+    TrainingJob,
+    exp_manager_config,
+    final_state_dict,
+    fit,
+    make_loaders,
+    prepare_exp_dir,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 CANVAS = 8
@@ -63,6 +71,15 @@ def stage_cfg(run_dir, **trainer_overrides):
     cfg.trainer = OmegaConf.merge(cfg.trainer, {"batch_size": 4, "log_every_n_steps": 1, "progress_bar": "none",
                                                 **trainer_overrides})
     return cfg
+
+
+def job(cfg, stage_dir, max_steps):
+    """The TrainingJob stage=sft hands `fit` for `cfg` (the groups typed as the entry point types them)."""
+    return TrainingJob(
+        stage="sft", stage_dir=stage_dir, max_steps=max_steps,
+        trainer=group_settings(TrainerSettings, cfg.trainer), objective=group_settings(ObjectiveSettings, cfg.objective),
+        logger=group_settings(LoggerSettings, cfg.logger), run_dir=Path(cfg.run_dir).resolve(), seed=0, device="cpu",
+    )
 
 
 def test_router_is_frozen_and_unchanged_by_a_step_while_the_backbone_learns():
@@ -115,17 +132,17 @@ def test_weight_decay_applies_to_matrices_only_and_betas_come_from_the_config():
 
 def test_exp_manager_gets_wandb_offline_under_the_run_dir_and_checkpoints_under_the_stage(tmp_path):
     cfg = stage_cfg(tmp_path)
-    em = exp_manager_config(cfg, "sft", tmp_path / "sft" / "exp", max_steps=10)
+    em = exp_manager_config(job(cfg, tmp_path / "sft", max_steps=10))
     assert em["explicit_log_dir"] == str(tmp_path / "sft" / "exp")
     assert em["create_wandb_logger"] and em["wandb_logger_kwargs"]["offline"]
     assert em["wandb_logger_kwargs"]["save_dir"] == str(tmp_path.resolve())
     assert em["wandb_logger_kwargs"]["project"] == "dg_pipeline"
     assert em["resume_if_exists"] is True and em["resume_ignore_no_checkpoint"] is True
     assert em["checkpoint_callback_params"]["monitor"] == "val/loss"
-    disabled = exp_manager_config(OmegaConf.merge(cfg, {"logger": {"mode": "disabled"}}), "sft", tmp_path, 10)
+    disabled = exp_manager_config(job(OmegaConf.merge(cfg, {"logger": {"mode": "disabled"}}), tmp_path, 10))
     assert not disabled["create_wandb_logger"]
     with pytest.raises(InputError, match="logger.mode=sometimes"):
-        exp_manager_config(OmegaConf.merge(cfg, {"logger": {"mode": "sometimes"}}), "sft", tmp_path, 10)
+        exp_manager_config(job(OmegaConf.merge(cfg, {"logger": {"mode": "sometimes"}}), tmp_path, 10))
 
 
 def test_fit_logs_the_metrics_checkpoints_resumes_and_writes_an_offline_wandb_run(tmp_path):
@@ -138,7 +155,7 @@ def test_fit_logs_the_metrics_checkpoints_resumes_and_writes_an_offline_wandb_ru
     objective = build_objective(cfg.objective, tok)
     module = BlockDiffusionModule(model, objective, OptimConfig.from_trainer_cfg(cfg.trainer, 3))
     try:
-        result, trainer = fit(module, train, val, cfg, "sft", tmp_path / "sft", max_steps=3)
+        result, trainer = fit(module, train, val, job(cfg, tmp_path / "sft", max_steps=3))
         logged = set(trainer.callback_metrics) | {"train/loss"}
         assert {"val/loss", "val/diffusion_loss", "val/ar_loss", "val/acc_t1.0", "val/acc_t0.5",
                 "val/answer_acc_t1.0", "val/answer_acc_t0.5"} <= logged
@@ -152,7 +169,7 @@ def test_fit_logs_the_metrics_checkpoints_resumes_and_writes_an_offline_wandb_ru
 
         # A second run with a longer schedule resumes from the last checkpoint instead of starting over.
         module2 = BlockDiffusionModule(trainable_tiny_model(seed=1)[0], objective, OptimConfig.from_trainer_cfg(cfg.trainer, 5))
-        resumed, _ = fit(module2, train, val, cfg, "sft", tmp_path / "sft", max_steps=5)
+        resumed, _ = fit(module2, train, val, job(cfg, tmp_path / "sft", max_steps=5))
         assert resumed.resumed_from and resumed.resumed_from.endswith("sft-3-last.ckpt")
         assert resumed.steps == 5
     finally:
@@ -165,7 +182,7 @@ def test_fit_refuses_zero_steps_naming_the_key(tmp_path):
     train, val = make_loaders(board_examples(4), [], cfg.trainer, CANVAS, tok.pad_token_id, seed=0)
     module = BlockDiffusionModule(model, UniformObjective(), OptimConfig(lr=1e-3, max_steps=0))
     with pytest.raises(InputError, match="trainer.max_steps"):
-        fit(module, train, val, cfg, "sft", tmp_path / "sft", max_steps=0)
+        fit(module, train, val, job(cfg, tmp_path / "sft", max_steps=0))
 
 
 def test_with_ema_enabled_the_weights_to_save_are_the_ema_average_and_training_weights_stay_live(tmp_path):
@@ -176,7 +193,7 @@ def test_with_ema_enabled_the_weights_to_save_are_the_ema_average_and_training_w
     cfg.logger.mode = "disabled"
     train, val = make_loaders(examples[:16], examples[16:], cfg.trainer, CANVAS, tok.pad_token_id, seed=0)
     module = BlockDiffusionModule(model, UniformObjective(), OptimConfig.from_trainer_cfg(cfg.trainer, 3))
-    _, trainer = fit(module, train, val, cfg, "sft", tmp_path / "sft", max_steps=3)
+    _, trainer = fit(module, train, val, job(cfg, tmp_path / "sft", max_steps=3))
     key = "model.decoder.layers.0.self_attn.q_proj.weight"
     live = model.state_dict()[key].clone()
     ema = final_state_dict(trainer, model)

@@ -23,9 +23,9 @@ def tiny():
     return model, tokenizer, examples
 
 
-def test_the_gate_writes_a_complete_record_predictions_and_plots(tiny, compose_cfg, tmp_path):
+def test_the_gate_writes_a_complete_record_predictions_and_plots(tiny, gate_settings, tmp_path):
     model, tokenizer, examples = tiny
-    cfg = compose_cfg(*FAST, "verify.sweep_steps=[1,3]")
+    cfg = gate_settings(*FAST, "verify.sweep_steps=[1,3]")
     record = run_gate(model, tokenizer, examples, cfg, "eval", "/models/tiny", tmp_path)
 
     on_disk = json.loads((tmp_path / "verify.json").read_text())
@@ -54,12 +54,12 @@ def test_the_gate_writes_a_complete_record_predictions_and_plots(tiny, compose_c
     assert on_disk["plots"] == {"sweep": "sweep_steps.png", "trajectory": "trajectory.png"}
 
 
-def test_a_failed_gate_writes_passed_false_then_raises_naming_each_failed_check(tiny, compose_cfg, tmp_path):
+def test_a_failed_gate_writes_passed_false_then_raises_naming_each_failed_check(tiny, gate_settings, tmp_path):
     model, tokenizer, examples = tiny
     reference = tmp_path / "sft" / "verify.json"
     reference.parent.mkdir()
     reference.write_text(json.dumps({"stage": "sft", "metric": "solved", "accuracy": 1.0}))
-    cfg = compose_cfg(
+    cfg = gate_settings(
         *FAST, "verify.plots=false", "verify.min_accuracy=0.9", "verify.max_accuracy_drop=0.1", "verify.min_speedup=1000"
     )
     with pytest.raises(GateFailed) as failed:
@@ -77,23 +77,23 @@ def test_a_failed_gate_writes_passed_false_then_raises_naming_each_failed_check(
     assert not (tmp_path / "out" / "trajectory.png").exists()  # verify.plots=false
 
 
-def test_without_the_ar_baseline_there_is_no_speedup_and_no_speedup_check(tiny, compose_cfg, tmp_path):
+def test_without_the_ar_baseline_there_is_no_speedup_and_no_speedup_check(tiny, gate_settings, tmp_path):
     model, tokenizer, examples = tiny
-    cfg = compose_cfg(*FAST, "verify.ar_baseline=false", "verify.plots=false", "verify.speed_examples=1")
+    cfg = gate_settings(*FAST, "verify.ar_baseline=false", "verify.plots=false", "verify.speed_examples=1")
     record = run_gate(model, tokenizer, examples, cfg, "eval", "/m", tmp_path, simulated=True, extra={"quant": "fp8"})
     assert record["ar_accuracy"] is None and record["speedup_vs_ar"] is None
     assert [c["name"] for c in record["checks"]] == ["min_accuracy"]
     assert record["simulated"] is True and record["quant"] == "fp8"
 
 
-def test_an_empty_eval_set_is_a_clear_error(tiny, compose_cfg, tmp_path):
+def test_an_empty_eval_set_is_a_clear_error(tiny, gate_settings, tmp_path):
     model, tokenizer, _ = tiny
     with pytest.raises(InputError, match="no eval examples"):
-        run_gate(model, tokenizer, [], compose_cfg(*FAST), "eval", "/m", tmp_path)
+        run_gate(model, tokenizer, [], gate_settings(*FAST), "eval", "/m", tmp_path)
     assert not (tmp_path / "verify.json").exists()
 
 
-def test_prompt_completion_data_is_scored_by_exact_match_and_token_accuracy(tiny, compose_cfg, tmp_path):
+def test_prompt_completion_data_is_scored_by_exact_match_and_token_accuracy(tiny, gate_settings, tmp_path):
     from dg_pipeline.data import Example
 
     model, tokenizer, _ = tiny
@@ -104,7 +104,7 @@ def test_prompt_completion_data_is_scored_by_exact_match_and_token_accuracy(tiny
         Example([tokenizer.bos_token_id, *digits("345"), tokenizer.sep_token_id], [*digits("543"), tokenizer.eos_token_id],
                 {"completion": "543"}),
     ]
-    cfg = compose_cfg(*FAST, "data=chat", "data.train_path=unused.jsonl", "sampler.max_new_tokens=6", "verify.plots=false")
+    cfg = gate_settings(*FAST, "data=chat", "data.train_path=unused.jsonl", "sampler.max_new_tokens=6", "verify.plots=false")
     record = run_gate(model, tokenizer, examples, cfg, "eval", "/m", tmp_path)
     assert record["metric"] == "exact_match" and record["max_new_tokens"] == 6
     assert 0.0 <= record["token_accuracy"] <= 1.0 and 0.0 <= record["ar_token_accuracy"] <= 1.0

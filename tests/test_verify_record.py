@@ -23,28 +23,27 @@ def a_record(**overrides):
     return record
 
 
-def test_default_config_thresholds_only_require_a_non_negative_accuracy(compose_cfg):
-    t = GateThresholds.from_cfg(compose_cfg("stage=sft"), "sft")
+def test_default_config_thresholds_only_require_a_non_negative_accuracy(gate_settings):
+    t = gate_settings("stage=sft").thresholds
     assert t == GateThresholds(min_accuracy=0.0, max_accuracy_drop=None, min_speedup=0.0, drop_confidence=0.95)
 
 
-def test_a_quantize_gate_takes_the_formats_allowed_drop_unless_verify_sets_one(compose_cfg):
-    assert GateThresholds.from_cfg(compose_cfg("quant=nvfp4"), "quantize").max_accuracy_drop == 0.02
-    assert GateThresholds.from_cfg(compose_cfg("quant=fp8"), "quantize").max_accuracy_drop == 0.005
-    cfg = compose_cfg("quant=nvfp4", "verify.max_accuracy_drop=0.1")
-    assert GateThresholds.from_cfg(cfg, "quantize").max_accuracy_drop == 0.1
-    assert GateThresholds.from_cfg(compose_cfg("quant=nvfp4"), "sft").max_accuracy_drop is None
+def test_a_quantize_gate_takes_the_formats_allowed_drop_unless_verify_sets_one(gate_settings):
+    assert gate_settings("quant=nvfp4", own_allowance="quant").thresholds.max_accuracy_drop == 0.02
+    assert gate_settings("quant=fp8", own_allowance="quant").thresholds.max_accuracy_drop == 0.005
+    explicit = gate_settings("quant=nvfp4", "verify.max_accuracy_drop=0.1", own_allowance="quant")
+    assert explicit.thresholds.max_accuracy_drop == 0.1
+    assert gate_settings("quant=nvfp4").thresholds.max_accuracy_drop is None  # sft has no allowance of its own
 
 
-def test_a_speedup_floor_without_the_ar_baseline_is_a_config_error(compose_cfg):
-    cfg = compose_cfg("verify.min_speedup=1.5", "verify.ar_baseline=false")
+def test_a_speedup_floor_without_the_ar_baseline_is_a_config_error(gate_settings):
     with pytest.raises(InputError, match="verify.min_speedup=1.5.*verify.ar_baseline=true"):
-        GateThresholds.from_cfg(cfg, "eval")
+        gate_settings("verify.min_speedup=1.5", "verify.ar_baseline=false")
 
 
-def test_an_accuracy_floor_outside_0_1_is_a_config_error(compose_cfg):
+def test_an_accuracy_floor_outside_0_1_is_a_config_error(gate_settings):
     with pytest.raises(InputError, match="verify.min_accuracy=80"):
-        GateThresholds.from_cfg(compose_cfg("verify.min_accuracy=80"), "eval")
+        gate_settings("verify.min_accuracy=80")
 
 
 def test_all_checks_pass_when_every_value_meets_its_threshold():

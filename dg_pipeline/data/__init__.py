@@ -1,6 +1,6 @@
 """Data: Sudoku generation and validation, readers for local files, the board tokenizer, examples and the collator.
 
-Stages call `load_splits(cfg.data, tokenizer, run_dir, cfg.seed)`; training batches with `collate` (or
+Stages call `load_splits(settings.data, tokenizer, run_dir, seed)` (or `load_eval_examples` for a gate); training batches with `collate` (or
 `Collator` as a DataLoader collate_fn); the sampler/evaluator takes prompts from `left_padded_prompts`.
 """
 
@@ -22,7 +22,7 @@ from dg_pipeline.data.readers import (
     read_kaggle_csv,
     write_boards_jsonl,
 )
-from dg_pipeline.data.sources import Splits, load_splits, split_disjoint
+from dg_pipeline.data.sources import Splits, load_eval_examples, load_splits, split_disjoint
 from dg_pipeline.data.sudoku import (
     Board,
     BoardError,
@@ -54,6 +54,7 @@ __all__ = [
     "find_solutions",
     "generate_boards",
     "left_padded_prompts",
+    "load_eval_examples",
     "load_splits",
     "read_boards",
     "read_boards_jsonl",

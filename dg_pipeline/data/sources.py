@@ -1,4 +1,5 @@
-"""Where a stage's examples come from: `load_splits(data_cfg, tokenizer, run_dir, seed) -> Splits(train, val, eval)`.
+"""Where a stage's examples come from: `load_splits(data, tokenizer, run_dir, seed) -> Splits(train, val, eval)`
+(`data`: the run's DataSettings), and `load_eval_examples` for a gate that only needs the eval set.
 
 - kind=sudoku, no paths: generate n_eval + n_val + n_train boards with distinct puzzles into <run_dir>/data/
   (eval.jsonl, val.jsonl, train.jsonl and params.json); a later call with the same parameters reuses the files.
@@ -20,14 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedTokenizerBase
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import atomic_write_json, read_json
 from dg_pipeline.core.rundir import RunDir
-from dg_pipeline.data.examples import BoardCodec, Example, chat_examples, sudoku_example
+from dg_pipeline.data.examples import BoardCodec, Example, chat_examples, sudoku_example, sudoku_examples
 from dg_pipeline.data.readers import ChatRecord, read_boards, read_boards_jsonl, read_chat_jsonl, write_boards_jsonl
+from dg_pipeline.settings.data import DataSettings
 from dg_pipeline.data.sudoku import (
     GENERATOR_VERSION,
     Board,
@@ -38,7 +39,6 @@ from dg_pipeline.data.sudoku import (
 )
 
 log = logging.getLogger(__name__)
-KINDS = ("sudoku", "chat")
 SPLIT_FILES = {"train": "train.jsonl", "val": "val.jsonl", "eval": "eval.jsonl"}
 PARAMS_FILE = "params.json"
 
@@ -53,26 +53,34 @@ class Splits:
 
 
 def load_splits(
-    data_cfg: Any, tokenizer: PreTrainedTokenizerBase, run_dir: RunDir | str | os.PathLike, seed: int
+    data: DataSettings, tokenizer: PreTrainedTokenizerBase, run_dir: RunDir | str | os.PathLike, seed: int
 ) -> Splits:
-    """Train/val/eval Examples for `data_cfg` (the `data` config group; a DictConfig or a plain dict)."""
-    kind = _key(data_cfg, "kind")
+    """Train/val/eval Examples of the `data` group."""
     data_dir = (run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))).data_dir()
-    if kind == "sudoku":
-        return _sudoku_splits(data_cfg, tokenizer, data_dir, seed)
-    if kind == "chat":
-        return _chat_splits(data_cfg, tokenizer, seed)
-    raise InputError(f"data.kind={kind!r}: unknown data kind (fix: use one of {list(KINDS)})")
+    if data.kind == "sudoku":
+        return _sudoku_splits(data, tokenizer, data_dir, seed)
+    return _chat_splits(data, tokenizer, seed)
+
+
+def load_eval_examples(data: DataSettings, tokenizer: PreTrainedTokenizerBase, run_dir: RunDir, seed: int,
+                       limit: int | None = None) -> list[Example]:
+    """The examples a gate scores: data.eval_path read directly (its first `limit` rows; no training data is
+    touched), else the run's eval split."""
+    if not data.eval_path:
+        return load_splits(data, tokenizer, run_dir, seed).eval
+    if data.kind == "sudoku":
+        return sudoku_examples(read_boards(data.eval_path, data.size, limit=limit), tokenizer)
+    records = read_chat_jsonl(data.eval_path, limit=limit)
+    return chat_examples(records, tokenizer, data.max_prompt_length, data.chat_template)
 
 
 # --------------------------------------------------------------------------------------------- sudoku
 
 
-def _sudoku_splits(cfg: Any, tokenizer: PreTrainedTokenizerBase, data_dir: Path, seed: int) -> Splits:
+def _sudoku_splits(data: DataSettings, tokenizer: PreTrainedTokenizerBase, data_dir: Path, seed: int) -> Splits:
     codec = BoardCodec(tokenizer)
-    size = _key(cfg, "size")
-    train_path, eval_path = _key(cfg, "train_path"), _key(cfg, "eval_path")
-    n_train, n_val, n_eval = _count(cfg, "n_train"), _count(cfg, "n_val", 0), _count(cfg, "n_eval")
+    size, train_path, eval_path = data.size, data.train_path, data.eval_path
+    n_train, n_val, n_eval = data.n_train, data.n_val or 0, data.n_eval
 
     # An eval file gives its first n_eval rows (null = all).
     eval_boards = read_boards(eval_path, size, limit=n_eval) if eval_path else None
@@ -82,7 +90,7 @@ def _sudoku_splits(cfg: Any, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
         train_boards = read_boards(train_path, size, limit=_rows_needed(n_train, n_val, n_eval, eval_path))
         if train_boards:
             size = size or size_for_length(len(train_boards[0].puzzle))
-            _check_prompt_length(cfg, codec, size)
+            _check_prompt_length(data, codec, size)
         eval_boards, val_boards, train_boards = split_disjoint(
             train_boards, n_eval or 0, n_val, n_train, seed, _puzzle, held_out=eval_boards
         )
@@ -90,9 +98,9 @@ def _sudoku_splits(cfg: Any, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
         if size is None:
             raise InputError("data.size is required to generate Sudoku boards (fix: data.size=4 or data.size=9)")
         geometry(size)  # names data.size when it is not 4 or 9
-        _check_prompt_length(cfg, codec, size)
+        _check_prompt_length(data, codec, size)
         eval_boards, val_boards, train_boards = _generated_splits(
-            cfg, size, n_train, n_val, n_eval or 0, eval_boards, data_dir, seed
+            data, size, n_train, n_val, n_eval or 0, eval_boards, data_dir, seed
         )
     splits = Splits(*([sudoku_example(b, codec) for b in boards] for boards in (train_boards, val_boards, eval_boards)))
     _check_not_empty(splits, train_path or "the generated data")
@@ -109,7 +117,7 @@ def _rows_needed(n_train: int | None, n_val: int, n_eval: int | None, eval_path:
 
 
 def _generated_splits(
-    cfg: Any,
+    data: DataSettings,
     size: int,
     n_train: int | None,
     n_val: int,
@@ -123,7 +131,7 @@ def _generated_splits(
     With `eval_boards` (from data.eval_path) only val and train are generated, avoiding those puzzles."""
     if n_train is None:
         raise InputError("data.n_train is required to generate Sudoku boards (fix: e.g. data.n_train=20000)")
-    min_clues, max_clues, workers = _key(cfg, "min_clues"), _key(cfg, "max_clues"), _key(cfg, "workers", 1)
+    min_clues, max_clues, workers = data.min_clues, data.max_clues, data.workers
     check_clue_range(size, min_clues, max_clues)
     held_out = [b.puzzle for b in eval_boards] if eval_boards is not None else None
     params = {
@@ -174,8 +182,8 @@ def _reusable(params_path: Path, params: dict, files) -> bool:
         return False  # a damaged params file: regenerate
 
 
-def _check_prompt_length(cfg: Any, codec: BoardCodec, size: int) -> None:
-    limit = _key(cfg, "max_prompt_length")
+def _check_prompt_length(data: DataSettings, codec: BoardCodec, size: int) -> None:
+    limit = data.max_prompt_length
     needed = codec.prompt_length(size)
     if limit is not None and needed > limit:
         raise InputError(
@@ -195,24 +203,22 @@ def _digest(puzzles: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------------- chat
 
 
-def _chat_splits(cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: int) -> Splits:
-    train_path, eval_path = _key(cfg, "train_path"), _key(cfg, "eval_path")
+def _chat_splits(data: DataSettings, tokenizer: PreTrainedTokenizerBase, seed: int) -> Splits:
+    train_path, eval_path = data.train_path, data.eval_path
     if not train_path:
         raise InputError(
             "data.train_path is required for recipe=chat (data.kind=chat): a JSONL file of "
             '{"prompt","completion"} or {"messages": [...]} rows (fix: add data.train_path=/path/to/train.jsonl)'
         )
-    n_train, n_val, n_eval = _count(cfg, "n_train"), _count(cfg, "n_val", 0), _count(cfg, "n_eval")
+    n_train, n_val, n_eval = data.n_train, data.n_val or 0, data.n_eval
     held_out = read_chat_jsonl(eval_path, limit=n_eval) if eval_path else None
     records = read_chat_jsonl(train_path, limit=_rows_needed(n_train, n_val, n_eval, eval_path))
     eval_records, val_records, train_records = split_disjoint(
         records, n_eval or 0, n_val, n_train, seed, _prompt_key, held_out=held_out
     )
-    max_prompt_length = _key(cfg, "max_prompt_length")
-    use_template = bool(_key(cfg, "chat_template", True))
     splits = Splits(
         *(
-            chat_examples(records, tokenizer, max_prompt_length, use_template)
+            chat_examples(records, tokenizer, data.max_prompt_length, data.chat_template)
             for records in (train_records, val_records, eval_records)
         )
     )
@@ -265,19 +271,3 @@ def _check_not_empty(splits: Splits, source: Any) -> None:
             f"{source}: no training rows left after taking {len(splits.eval)} eval and {len(splits.val)} val rows "
             "(fix: lower data.n_eval / data.n_val, or give more rows)"
         )
-
-
-def _count(cfg: Any, name: str, default: int | None = None) -> int | None:
-    value = _key(cfg, name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InputError(f"data.{name}={value!r}: must be a non-negative integer (or null)")
-    return value
-
-
-def _key(cfg: Any, name: str, default: Any = None) -> Any:
-    """cfg.name for a DictConfig or a dict; a missing (`???`) or absent key reads as `default`."""
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.select(cfg, name, default=default, throw_on_missing=False)
-    return cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)

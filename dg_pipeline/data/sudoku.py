@@ -376,11 +376,9 @@ class _Progress:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from dg_pipeline.core.progress import progress_bar
 
-            self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
-            )
+            self._progress = progress_bar(remaining=True)
             self._progress.start()
             self._task = self._progress.add_task(self.description, total=self.total)
         return self

@@ -2,14 +2,14 @@
 parity and the model card. The format and the checker's rules: export/FORMAT.md.
 
     export_quantized / export_unquantized   write a bundle's weights, configs, generation config, tokenizer
-    check_export / assert_loadable          every loader-rule violation of a dir (Violation: where, rule, fix)
+    check_export                            every loader-rule violation of a dir (Violation: where, rule, fix)
     write_manifest / verify_manifest        sha256 of every file; a tampered file is an error naming it
     load_export                             the bundle back as a plain-torch DiffusionGemmaForBlockDiffusion
     render_model_card                       README.md of the bundle
 """
 
-from dg_pipeline.export.checker import CheckFailed, Violation, assert_loadable, check_export, format_violations
-from dg_pipeline.export.manifest import manifest_problems, verify_manifest, write_manifest
+from dg_pipeline.export.checker import CheckFailed, Violation, check_export
+from dg_pipeline.core.manifest import manifest_problems, verify_manifest, write_manifest
 from dg_pipeline.export.model_card import ModelCardFacts, render_model_card
 from dg_pipeline.export.reload import ReloadedExport, dequantized_state_dict, load_export, merge_per_expert
 from dg_pipeline.export.unified import (
@@ -24,9 +24,7 @@ from dg_pipeline.export.unified import (
 __all__ = [
     "CheckFailed",
     "Violation",
-    "assert_loadable",
     "check_export",
-    "format_violations",
     "manifest_problems",
     "verify_manifest",
     "write_manifest",

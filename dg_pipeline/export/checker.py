@@ -21,11 +21,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from dg_pipeline.core.errors import InputError, PipelineError
+from dg_pipeline.core.manifest import MANIFEST, manifest_problems
 from dg_pipeline.export.formats import (
     ARCHITECTURE,
     DECODER_PREFIX,
@@ -35,7 +36,6 @@ from dg_pipeline.export.formats import (
     FUSED_EXPERTS,
     GENERATION_CONFIG,
     HF_QUANT_CONFIG,
-    MANIFEST,
     NVFP4,
     SCALE_LEAVES,
     SHARED_SCALE_LEAVES,
@@ -98,13 +98,6 @@ def check_export(export_dir: str | Path) -> list[Violation]:
         return out
     out += check_tensors(tensors, config, quant)
     return out
-
-
-def assert_loadable(export_dir: str | Path) -> None:
-    """Raise CheckFailed listing every violation, if there is any."""
-    violations = check_export(export_dir)
-    if violations:
-        raise CheckFailed({Path(export_dir): violations})
 
 
 # ----------------------------------------------------------------------------------------------------- files
@@ -262,8 +255,6 @@ def check_tokenizer(export_dir: Path, config: dict) -> list[Violation]:
 
 
 def check_manifest_rule(export_dir: Path) -> list[Violation]:
-    from dg_pipeline.export.manifest import manifest_problems
-
     if not (export_dir / MANIFEST).exists():
         return []  # foreign checkpoints carry none; the pipeline's loader requires it separately
     return [Violation(name, problem, "restore the file from the export, or re-export (the manifest is written "
@@ -564,8 +555,4 @@ def _dt(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def format_violations(violations: Iterable[Violation]) -> str:
-    return "\n".join(str(v) for v in violations)
-
-
-__all__ = ["Violation", "CheckFailed", "check_export", "assert_loadable", "expected_tensors", "format_violations"]
+__all__ = ["Violation", "CheckFailed", "check_export", "expected_tensors"]

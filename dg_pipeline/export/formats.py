@@ -23,16 +23,11 @@ ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_SAFETENSORS = "model.safetensors"
 # Written by the export stage; the checker and the reload read them.
-MANIFEST = "manifest.json"
 HF_QUANT_CONFIG = "hf_quant_config.json"
 GENERATION_CONFIG = "generation_config.json"
 # One of these holds the vocabulary; tokenizer_config.json holds the special tokens and the class.
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model")
 TOKENIZER_CONFIG = "tokenizer_config.json"
-
-# The generation_config.json keys vLLM's DiffusionGemma model state reads (it indexes most of them directly).
-SAMPLER_KEYS = ("max_denoising_steps", "sampler_config", "t_min", "t_max", "stability_threshold",
-                "confidence_threshold", "eos_token_id")
 
 
 @dataclass(frozen=True)

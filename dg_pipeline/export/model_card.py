@@ -1,6 +1,7 @@
 """The release bundle's README.md: what the checkpoint is, how it was made and verified, and how to serve it.
 
-`render_model_card` only formats; the export stage gathers the facts (`ModelCardFacts`) from the run: provenance
+`render_model_card` only formats (a huggingface_hub ModelCard: YAML metadata the Hub indexes, then the markdown
+body); the export stage gathers the facts (`ModelCardFacts`) from the run: provenance
 from the config and quant.json, every stage's verify.json (rendered by dg_pipeline.verify's markdown table), the
 sampler settings from generation_config.json, and the quantization block from hf_quant_config.json.
 """
@@ -11,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from dg_pipeline.core.io import read_json
-from dg_pipeline.export.formats import GENERATION_CONFIG, HF_QUANT_CONFIG, MANIFEST
+from huggingface_hub import ModelCard, ModelCardData
 
-# The sampler keys shown in the card, in the order vLLM's docs list them.
-CARD_SAMPLER_KEYS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
-                     "confidence_threshold")
+from dg_pipeline.core.io import read_json
+from dg_pipeline.core.manifest import MANIFEST
+from dg_pipeline.export.formats import GENERATION_CONFIG, HF_QUANT_CONFIG
+from dg_pipeline.settings.sampler import SAMPLER_KEYS, read_sampler_settings
 
 
 @dataclass
@@ -35,10 +36,7 @@ class ModelCardFacts:
 
 
 def sampler_settings(export_dir: Path) -> dict[str, Any]:
-    gen = read_json(export_dir / GENERATION_CONFIG)
-    settings = {k: gen.get(k) for k in CARD_SAMPLER_KEYS if k != "entropy_bound"}
-    settings["entropy_bound"] = (gen.get("sampler_config") or {}).get("entropy_bound")
-    return {k: settings.get(k) for k in CARD_SAMPLER_KEYS}
+    return read_sampler_settings(read_json(export_dir / GENERATION_CONFIG), SAMPLER_KEYS)
 
 
 def vllm_command(export_dir: str, canvas_length: int) -> str:
@@ -153,4 +151,7 @@ def render_model_card(facts: ModelCardFacts) -> str:
         "re-checks the loader rules and the hashes.",
         "",
     ]
-    return "\n".join(lines)
+    metadata = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                             tags=["diffusion-gemma", "block-diffusion", "modelopt" if quant else "unquantized",
+                                   (quant["quant_algo"] if quant else facts.dtype).lower()])
+    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)))

@@ -27,10 +27,10 @@ from dg_pipeline.export.formats import (
     read_quant_config,
     split_leaf,
 )
-from dg_pipeline.export.manifest import verify_manifest
-from dg_pipeline.model.generation import complete_generation_config
+from dg_pipeline.core.manifest import verify_manifest
 from dg_pipeline.model.io import resolve_dtype
 from dg_pipeline.model.structure import untied_backbone_weights
+from dg_pipeline.settings.sampler import generation_config
 
 
 @dataclass
@@ -116,8 +116,8 @@ def load_export(
     model = model.to(device=device, dtype=torch_dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
     if (export_dir / GENERATION_CONFIG).exists():
-        model.generation_config = complete_generation_config(
-            DiffusionGemmaGenerationConfig.from_pretrained(export_dir), tokenizer
+        model.generation_config = generation_config(
+            tokenizer, base=DiffusionGemmaGenerationConfig.from_pretrained(export_dir)
         )
     quant = read_quant_config(export_dir)
     return ReloadedExport(model, tokenizer, export_dir, (quant or {}).get("quant_algo"), dequantized)

@@ -18,7 +18,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -35,11 +35,7 @@ from dg_pipeline.export.formats import (
     matches_module,
     quantized_format,
 )
-from dg_pipeline.model.generation import complete_generation_config, default_generation_config
-
-# conf/sampler keys that set a generation_config.json value (null = keep the model's own).
-SAMPLER_OVERRIDE_KEYS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
-                         "confidence_threshold")
+from dg_pipeline.settings.sampler import SamplerSettings, generation_config, read_sampler_settings
 
 
 @dataclass
@@ -49,18 +45,11 @@ class ExportResult:
     added_exclusions: list[str]
 
 
-def release_generation_config(model, tokenizer, sampler_cfg: Mapping[str, Any] | None = None):
-    """The model's sampler settings (unset ones from the DiffusionGemma defaults), with non-null sampler.* keys
-    applied: what generation_config.json of the release carries."""
-    own = complete_generation_config(getattr(model, "generation_config", None), tokenizer)
-    settings = {k: getattr(own, k) for k in ("max_denoising_steps", "t_min", "t_max", "stability_threshold",
-                                             "confidence_threshold", "eos_token_id", "pad_token_id", "bos_token_id")}
-    settings["entropy_bound"] = own.sampler_config.entropy_bound
-    for key in SAMPLER_OVERRIDE_KEYS:
-        value = (sampler_cfg or {}).get(key)
-        if value is not None:
-            settings[key] = value
-    return default_generation_config(tokenizer, **settings)
+def release_generation_config(model, tokenizer, settings: SamplerSettings | None = None):
+    """What a release's generation_config.json carries: the model's sampler keys and token ids (unset ones from
+    the defaults), with the run's non-null `sampler.*` keys applied; nothing else of the model's config."""
+    own = read_sampler_settings(getattr(model, "generation_config", None))
+    return generation_config(tokenizer, **{**own, **(settings.generation_overrides() if settings else {})})
 
 
 # ------------------------------------------------------------------------------------------ the probe forward

@@ -9,9 +9,8 @@ from dg_pipeline.model.convert import (
     unsupported_features,
     vision_parity,
 )
-from dg_pipeline.model.generation import complete_generation_config, default_generation_config
 from dg_pipeline.model.inspect import CheckpointInfo, inspect_checkpoint
-from dg_pipeline.model.io import LoadedModel, load_base, load_model, resolve_dtype, save_model
+from dg_pipeline.model.io import LoadedModel, load_base, load_model, resolve_device, resolve_dtype, save_model
 from dg_pipeline.model.logits import encoder_causal_lm_logits, softcap_logits
 from dg_pipeline.model.structure import parameter_counts, untied_backbone_weights
 
@@ -23,9 +22,8 @@ __all__ = [
     "load_base",
     "LoadedModel",
     "save_model",
+    "resolve_device",
     "resolve_dtype",
-    "default_generation_config",
-    "complete_generation_config",
     "inspect_checkpoint",
     "CheckpointInfo",
     "convert_gemma4",

@@ -14,7 +14,7 @@ from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 from dg_pipeline.core.errors import InputError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TextShape:
     hidden_size: int
     intermediate_size: int
@@ -36,13 +36,21 @@ S, F = "sliding_attention", "full_attention"
 
 NAMED_SHAPES: dict[str, TextShape] = {
     # Unit tests: instantiates and generates on a CPU in about a second.
-    "tiny": TextShape(64, 128, 2, 2, 1, 32, 4, 2, 32, sliding_window=8, layer_types=(S, F)),
+    "tiny": TextShape(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=32, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                      sliding_window=8, layer_types=(S, F)),
     # The default recipe's model: CPU-sized (~1.5M params), trains on 4x4 Sudoku in a few CPU minutes.
-    "sudoku4": TextShape(128, 256, 4, 4, 2, 32, 4, 2, 128, sliding_window=64, layer_types=(S, S, S, F)),
+    "sudoku4": TextShape(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, num_experts=4, top_k_experts=2, moe_intermediate_size=128,
+                         sliding_window=64, layer_types=(S, S, S, F)),
     # A GPU-host model for 9x9 Sudoku (~20M params).
-    "sudoku9": TextShape(320, 768, 8, 4, 2, 64, 8, 2, 256, sliding_window=256, layer_types=(S, S, S, F) * 2),
+    "sudoku9": TextShape(hidden_size=320, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=64, num_experts=8, top_k_experts=2, moe_intermediate_size=256,
+                         sliding_window=256, layer_types=(S, S, S, F) * 2),
     # Throughput benchmarks (~110M params with a 32k vocabulary).
-    "bench100m": TextShape(512, 1536, 10, 8, 2, 64, 8, 2, 512, sliding_window=512),
+    "bench100m": TextShape(hidden_size=512, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=8,
+                           num_key_value_heads=2, head_dim=64, num_experts=8, top_k_experts=2, moe_intermediate_size=512,
+                           sliding_window=512),
 }
 
 TINY_VISION = dict(

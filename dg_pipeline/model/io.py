@@ -16,16 +16,26 @@ from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import atomic_dir
+from dg_pipeline.core.manifest import MANIFEST, verify_manifest
 from dg_pipeline.model.convert import ConversionReport, convert_checkpoint
-from dg_pipeline.model.generation import complete_generation_config
 from dg_pipeline.model.inspect import CheckpointInfo, from_pretrained_complete, inspect_checkpoint
 from dg_pipeline.model.structure import untied_backbone_weights
+from dg_pipeline.settings.sampler import generation_config as sampler_generation_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # LoadedModel.kind (and verify.json's source kind for a loaded base)
 KIND_DIFFUSION_GEMMA = "diffusion_gemma"
 KIND_GEMMA4_CONVERTED = "gemma4_converted"
+
+
+def resolve_device(device: str) -> str:
+    """`device=auto` as the device this host has (cuda when available, else cpu)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"device={device}: choose cpu, cuda or auto")
+    return device
 
 
 def resolve_dtype(dtype: str | torch.dtype, key: str = "model.dtype") -> torch.dtype:
@@ -73,9 +83,6 @@ def _load_diffusion_gemma(info: CheckpointInfo, dtype: torch.dtype, key: str) ->
 
 def verify_release_manifest(model_dir: Path) -> None:
     """A dir holding a release manifest (a bf16 export bundle) is loaded only if every file matches its sha256."""
-    from dg_pipeline.export.formats import MANIFEST
-    from dg_pipeline.export.manifest import verify_manifest  # lazy: export builds on model, not the reverse
-
     if (model_dir / MANIFEST).is_file():
         verify_manifest(model_dir)
 
@@ -112,7 +119,7 @@ def load_base(
             info, canvas_length or 256, torch_dtype, device, check_parity=check_parity, seed=seed, key=key
         )
         kind = KIND_GEMMA4_CONVERTED
-    model.generation_config = complete_generation_config(model.generation_config, tokenizer)
+    model.generation_config = sampler_generation_config(tokenizer, base=model.generation_config)
     return LoadedModel(model.eval(), tokenizer, kind, info, conversion)
 
 
@@ -129,7 +136,7 @@ def save_model(model, tokenizer, out_dir: str | Path, generation_config=None) ->
 
     generation_config: None = the model's own, with unset sampler keys filled from the DiffusionGemma defaults.
     """
-    model.generation_config = complete_generation_config(generation_config or model.generation_config, tokenizer)
+    model.generation_config = sampler_generation_config(tokenizer, base=generation_config or model.generation_config)
     model.config.architectures = ["DiffusionGemmaForBlockDiffusion"]
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:

@@ -13,11 +13,11 @@ Importing this package registers the emulated NVFP4 backend, so `mto.restore` of
 """
 
 from dg_pipeline.quant.calibration import (
-    CALIB_MODES,
     CalibrationResult,
     audit_quantizers,
     calibrate,
     calibration_examples,
+    calibration_forward_loop,
     diffusion_forward_loop,
     text_forward_loop,
 )
@@ -39,7 +39,6 @@ from dg_pipeline.quant.tied import sync_tied_quantizers, tied_amax_mismatches
 register_nvfp4_backend()
 
 __all__ = [
-    "CALIB_MODES",
     "FORMATS",
     "KV_CACHE_MODES",
     "NVFP4_BACKEND",
@@ -55,6 +54,7 @@ __all__ = [
     "build_recipe",
     "calibrate",
     "calibration_examples",
+    "calibration_forward_loop",
     "coverage_report",
     "diffusion_forward_loop",
     "fake_quant_nvfp4",

@@ -22,15 +22,15 @@ from typing import Callable, Sequence
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from dg_pipeline.core.errors import InputError, PipelineError
+from dg_pipeline.core.progress import progress_bar
 from dg_pipeline.quant.experts import ExpertTokenCounter, apply_uncovered_expert_rule, coverage_report
 from dg_pipeline.quant.recipes import QuantRecipe
 from dg_pipeline.quant.tied import sync_tied_quantizers
+from dg_pipeline.settings.quant import CalibSettings
 
-CALIB_MODES = ("diffusion", "text")
 ForwardLoop = Callable[[nn.Module], None]
 
 
@@ -59,12 +59,6 @@ def batches(items: Sequence, batch_size: int) -> list[list]:
     return [list(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    )
-
-
 # ------------------------------------------------------------------------------------------- forward loops
 
 
@@ -87,7 +81,7 @@ def diffusion_forward_loop(
 
     def loop(model: nn.Module) -> None:
         sampler = BlockDiffusionSampler(model, sampler_config)
-        with torch.no_grad(), _progress(console or Console()) as progress:
+        with torch.no_grad(), progress_bar(console) as progress:
             task = progress.add_task("calibrating (sampler trajectories)", total=len(groups))
             for i, group in enumerate(groups):
                 ids, mask = left_padded_prompts(group, pad_id)
@@ -111,7 +105,7 @@ def text_forward_loop(
     groups = batches(examples, batch_size)
 
     def loop(model: nn.Module) -> None:
-        with torch.no_grad(), _progress(console or Console()) as progress:
+        with torch.no_grad(), progress_bar(console) as progress:
             task = progress.add_task("calibrating (clean text)", total=len(groups))
             for group in groups:
                 batch = collate(group, canvas_length, pad_id)
@@ -121,6 +115,28 @@ def text_forward_loop(
                 progress.advance(task)
 
     return loop
+
+
+def calibration_forward_loop(calib: CalibSettings, model, tokenizer, examples: Sequence, sampler_config,
+                             max_new_tokens: int, seed: int, console: Console | None = None
+                             ) -> tuple[ForwardLoop, dict]:
+    """The forward loop of `calib.mode` over `examples`, and the settings it runs with (quant.json records them).
+
+    The diffusion loop samples with `sampler_config`: the sampler the run's gate uses (same settings, same canvas),
+    generating up to `max_new_tokens` per prompt, capped by calib.max_length."""
+    settings = {"mode": calib.mode, "n_samples": len(examples), "requested_n_samples": calib.n_samples,
+                "batch_size": calib.batch_size, "max_length": calib.max_length, "split": "train"}
+    if calib.mode == "text":
+        loop = text_forward_loop(examples, tokenizer.pad_token_id, model.config.canvas_length, calib.batch_size,
+                                 calib.max_length, console)
+        return loop, settings
+    longest_prompt = max(len(e.prompt_ids) for e in examples)
+    max_new = max(1, min(int(max_new_tokens), calib.max_length - longest_prompt))
+    settings.update(max_new_tokens=max_new, seed=seed, max_denoising_steps=sampler_config.max_denoising_steps,
+                    acceptance=sampler_config.acceptance, canvas_init=sampler_config.canvas_init)
+    loop = diffusion_forward_loop(examples, tokenizer.pad_token_id, sampler_config, calib.batch_size, max_new, seed,
+                                  console)
+    return loop, settings
 
 
 # ------------------------------------------------------------------------------------------- what calibration ran

@@ -5,7 +5,7 @@ be a CUDA tensor" and dispatches to a Triton/CUDA kernel). This module implement
 that calibration, the gate and tests run on a CPU, and plugs it in through ModelOpt's supported hook:
 `register_quant_backend(NVFP4_BACKEND, ...)` plus the quantizer config field `backend` (recipes.py sets it).
 
-Numerics (docs: /work/shared/docs/quantization-export.md, the same as ModelOpt's exporter `NVFP4QTensor`):
+Numerics (the same as ModelOpt's exporter `NVFP4QTensor`, modelopt/torch/quantization/qtensor/nvfp4_tensor.py):
 - E2M1 magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6}; round half to even; saturate at 6.
 - per-tensor scale s2 = amax / (6 * 448) (weights: the weight's amax; activations: the static calibrated amax);
 - per block of 16 along the last dim: s_b = block_amax / (6 * s2), 0 -> 1, clamp [2^-9, 448], cast to float8_e4m3fn;

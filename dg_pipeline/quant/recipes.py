@@ -23,10 +23,8 @@ import torch
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.quant.nvfp4_cpu import NVFP4_BACKEND, register_nvfp4_backend
-
-FORMATS = ("fp8", "nvfp4", "nvfp4_experts_only")
-KV_CACHE_MODES = ("none", "fp8", "fp8_cast")
-NVFP4_BACKENDS = ("auto", "emulated", "modelopt")
+from dg_pipeline.settings.quant import KV_CACHE_MODES, NVFP4_BACKENDS
+from dg_pipeline.settings.quant import QUANT_FORMATS as FORMATS
 
 EXPERTS_ONLY_RECIPE = "huggingface/diffusion_gemma/ptq/nvfp4_experts_only"
 FP8_CAST_KV_PRESET = "configs/ptq/presets/kv/fp8_cast"

@@ -1,8 +1,9 @@
-"""Sampler settings: the checkpoint's generation_config.json keys (the ones vLLM reads) plus this sampler's options.
+"""The sampler's settings: the checkpoint's generation_config.json keys (the ones vLLM reads, see
+dg_pipeline.settings.sampler) plus this sampler's own options.
 
-`SamplerConfig.from_generation_config(gen_cfg, **overrides)` takes its defaults from a checkpoint's
-`DiffusionGemmaGenerationConfig`; an override of None keeps the checkpoint's value, so a Hydra `sampler:` group whose
-keys are `null` runs the checkpoint exactly as vLLM would.
+`SamplerConfig.for_model(model, settings, tokenizer)` is the one way a run builds its sampler (the gate,
+calibration, the benchmarks): the checkpoint's generation config, the non-null `sampler.*` keys on top. An override
+of None keeps the checkpoint's value, so a `sampler:` group whose keys are `null` runs the checkpoint as vLLM would.
 """
 
 from __future__ import annotations
@@ -14,37 +15,31 @@ from typing import Any, Mapping
 import torch
 
 from dg_pipeline.core.errors import InputError
+from dg_pipeline.settings.sampler import (
+    SamplerSettings,
+    check_sampler_values,
+    compile_mode,
+    read_sampler_settings,
+    reference_defaults,
+)
 
-ACCEPTANCE_RULES = ("entropy_bound", "confidence")
-CANVAS_INITS = ("uniform", "mask")
-COMPILE_MODES = ("auto", "true", "false")
-KV_CACHES = ("auto", "dynamic", "static")
-
-# generation_config.json key -> SamplerConfig field (sampler_config.entropy_bound is nested, read separately).
-_GENERATION_KEYS = {
-    "max_denoising_steps": "max_denoising_steps",
-    "t_min": "t_min",
-    "t_max": "t_max",
-    "stability_threshold": "stability_threshold",
-    "confidence_threshold": "confidence_threshold",
-    "pad_token_id": "pad_token_id",
-}
+_REFERENCE = reference_defaults()  # transformers' DiffusionGemmaGenerationConfig defaults
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     """Everything the block-diffusion sampler needs to know besides the model and the prompt.
 
-    Defaults are the reference's (`DiffusionGemmaGenerationConfig` global defaults); a checkpoint's
+    Defaults are transformers' (`DiffusionGemmaGenerationConfig`'s global defaults); a checkpoint's
     generation_config.json overrides them through `from_generation_config`.
     """
 
-    max_denoising_steps: int = 48
-    entropy_bound: float = 0.1
-    t_min: float = 0.4
-    t_max: float = 0.8
-    stability_threshold: int = 1
-    confidence_threshold: float = 0.005
+    max_denoising_steps: int = _REFERENCE["max_denoising_steps"]
+    entropy_bound: float = _REFERENCE["entropy_bound"]
+    t_min: float = _REFERENCE["t_min"]
+    t_max: float = _REFERENCE["t_max"]
+    stability_threshold: int = _REFERENCE["stability_threshold"]
+    confidence_threshold: float = _REFERENCE["confidence_threshold"]
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     # entropy_bound (DiffusionGemma) | confidence (commit every position with max prob >= accept_threshold)
@@ -59,75 +54,41 @@ class SamplerConfig:
     kv_cache: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_positive_int("max_denoising_steps", self.max_denoising_steps)
-        _check_number("entropy_bound", self.entropy_bound, low=0.0, low_inclusive=False)
-        _check_number("t_min", self.t_min, low=0.0)
-        _check_number("t_max", self.t_max, low=0.0)
-        if self.t_max <= self.t_min:
-            raise InputError(
-                f"sampler.t_max={self.t_max} must be greater than sampler.t_min={self.t_min} "
-                "(t_max is the first step's temperature, t_min the last's)"
-            )
-        if not isinstance(self.stability_threshold, int) or self.stability_threshold < 0:
-            raise InputError(f"sampler.stability_threshold={self.stability_threshold!r}: must be an integer >= 0")
-        _check_number("confidence_threshold", self.confidence_threshold, low=0.0, low_inclusive=False)
-        _check_choice("acceptance", self.acceptance, ACCEPTANCE_RULES)
-        _check_number("accept_threshold", self.accept_threshold, low=0.0, low_inclusive=False, high=1.0)
-        _check_choice("canvas_init", self.canvas_init, CANVAS_INITS)
-        _check_choice("compile", self.compile, COMPILE_MODES)
-        _check_choice("kv_cache", self.kv_cache, KV_CACHES)
+        check_sampler_values(dataclasses.asdict(self))
         if self.canvas_init == "mask" and self.mask_token_id is None:
             raise InputError(
                 "sampler.canvas_init=mask needs a mask token id: pass mask_token_id= "
                 "(the board tokenizer's <mask> is 4)"
             )
-        if self.compile == "true" and self.kv_cache == "dynamic":
-            raise InputError(
-                "sampler.compile=true needs fixed shapes: set sampler.kv_cache=static (or auto), or compile=false"
-            )
 
     @classmethod
     def from_generation_config(cls, gen_cfg: Any | None, **overrides: Any) -> "SamplerConfig":
         """Defaults from a checkpoint's generation config (object or dict); overrides of None keep its values."""
-        values: dict[str, Any] = {}
-        if gen_cfg is not None:
-            get = gen_cfg.get if isinstance(gen_cfg, Mapping) else (lambda k: getattr(gen_cfg, k, None))
-            for key, field in _GENERATION_KEYS.items():
-                if get(key) is not None:
-                    values[field] = get(key)
-            sampler_cfg = get("sampler_config")
-            bound = sampler_cfg.get("entropy_bound") if isinstance(sampler_cfg, Mapping) else getattr(
-                sampler_cfg, "entropy_bound", None
-            )
-            if bound is not None:
-                values["entropy_bound"] = bound
-            if get("eos_token_id") is not None:
-                values["eos_token_ids"] = get("eos_token_id")
+        values = {k: v for k, v in read_sampler_settings(gen_cfg).items() if v is not None}
+        values.pop("bos_token_id", None)
+        if "eos_token_id" in values:
+            values["eos_token_ids"] = values.pop("eos_token_id")
         values.update(_checked_overrides(overrides))
         return cls(**_coerced(values))
 
     @classmethod
-    def for_model(cls, model: Any, **overrides: Any) -> "SamplerConfig":
-        """From `model.generation_config`; eos/pad ids fall back to the model config where the generation config
-        lacks them."""
+    def for_model(cls, model: Any, settings: SamplerSettings | None = None, tokenizer: Any = None,
+                  **changes: Any) -> "SamplerConfig":
+        """The sampler a run's `sampler` settings describe on `model`: its generation_config (eos/pad ids from the
+        model config where it lacks them), the non-null settings, then `changes`. A mask canvas takes the
+        tokenizer's <mask> id."""
         gen_cfg = getattr(model, "generation_config", None)
         text_cfg = model.config.get_text_config()
-        fallback = {"eos_token_ids": text_cfg.eos_token_id, "pad_token_id": text_cfg.pad_token_id}
-        if gen_cfg is not None:
-            fallback = {
-                "eos_token_ids": gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else text_cfg.eos_token_id,
-                "pad_token_id": gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else text_cfg.pad_token_id,
-            }
-        merged = {**fallback, **{k: v for k, v in overrides.items() if v is not None}}
-        return cls.from_generation_config(gen_cfg, **merged)
-
-    @classmethod
-    def from_hydra(cls, sampler_cfg: Mapping[str, Any], gen_cfg: Any | None, **extra: Any) -> "SamplerConfig":
-        """From the `sampler:` config group: keys that are SamplerConfig fields override the checkpoint; the rest
-        (max_new_tokens, batch_size, seed) belong to the caller."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        overrides = {k: v for k, v in dict(sampler_cfg).items() if k in names}
-        return cls.from_generation_config(gen_cfg, **overrides, **extra)
+        own = read_sampler_settings(gen_cfg, ("eos_token_id", "pad_token_id"))
+        values = {
+            "eos_token_ids": own["eos_token_id"] if own["eos_token_id"] is not None else text_cfg.eos_token_id,
+            "pad_token_id": own["pad_token_id"] if own["pad_token_id"] is not None else text_cfg.pad_token_id,
+            **(settings.sampler_overrides() if settings is not None else {}),
+            **{k: v for k, v in changes.items() if v is not None},
+        }
+        if values.get("canvas_init") == "mask" and tokenizer is not None:
+            values.setdefault("mask_token_id", tokenizer.mask_token_id)
+        return cls.from_generation_config(gen_cfg, **values)
 
     def replace(self, **changes: Any) -> "SamplerConfig":
         return dataclasses.replace(self, **_coerced(_checked_overrides(changes)))
@@ -159,8 +120,8 @@ def _coerced(values: dict[str, Any]) -> dict[str, Any]:
     for key in ("entropy_bound", "t_min", "t_max", "confidence_threshold", "accept_threshold"):
         if isinstance(out.get(key), int) and not isinstance(out.get(key), bool):
             out[key] = float(out[key])
-    if isinstance(out.get("compile"), bool):
-        out["compile"] = "true" if out["compile"] else "false"
+    if "compile" in out:
+        out["compile"] = compile_mode(out["compile"])
     if "eos_token_ids" in out:
         eos = out["eos_token_ids"]
         eos = [eos] if isinstance(eos, int) else list(eos)
@@ -168,23 +129,3 @@ def _coerced(values: dict[str, Any]) -> dict[str, Any]:
             raise InputError(f"sampler.eos_token_id={eos!r}: must be a token id or a list of token ids")
         out["eos_token_ids"] = tuple(eos)
     return out
-
-
-def _check_positive_int(key: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise InputError(f"sampler.{key}={value!r}: must be a positive integer")
-
-
-def _check_number(
-    key: str, value: Any, low: float, low_inclusive: bool = True, high: float | None = None
-) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    ok = ok and (value >= low if low_inclusive else value > low) and (high is None or value <= high)
-    if not ok:
-        bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
-        raise InputError(f"sampler.{key}={value!r}: must be a number {bound}")
-
-
-def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InputError(f"sampler.{key}={value!r}: choose one of {list(choices)}")

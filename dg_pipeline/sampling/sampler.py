@@ -63,10 +63,6 @@ class GenerationResult:
         return self.committed_tokens.double() / self.decoder_forwards.clamp(min=1).double()
 
     @property
-    def tokens_per_second(self) -> float:
-        return float(self.committed_tokens.sum()) / max(self.wall_time_s, 1e-9)
-
-    @property
     def mean_denoising_steps(self) -> float | None:
         steps = [s for block in self.steps_per_block for s in block if s > 0]
         return sum(steps) / len(steps) if steps else None

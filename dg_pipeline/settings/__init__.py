@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +31,7 @@ from dg_pipeline.settings.verify import VerifySettings
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 SCHEMA = "schema"  # the name conf/config.yaml's defaults list takes the schema by
 DEVICES = ("auto", "cpu", "cuda")
+T = TypeVar("T")
 
 
 @dataclass
@@ -70,12 +71,18 @@ class RunSettings:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "RunSettings":
-        """The composed config as typed settings, every group's rules checked. A required value left at `???`
-        (e.g. model.base in recipe=chat) reads as None: the stage that needs it says what to pass."""
-        cfg = OmegaConf.merge(OmegaConf.structured(cls), cfg)  # a no-op on a config composed with the schema
-        for key in OmegaConf.missing_keys(cfg):
-            OmegaConf.update(cfg, key, None, force_add=True)
-        return OmegaConf.to_object(cfg)
+        """The composed config as typed settings, every group's rules checked."""
+        return group_settings(cls, cfg)
+
+
+def group_settings(cls: type[T], *nodes) -> T:
+    """`cls` built from config nodes (a DictConfig, a loaded conf/<group>/*.yaml, a dict; later ones win), its
+    rules checked. A required value left at `???` (e.g. model.base in recipe=chat) reads as None: the component
+    that needs it says what to pass."""
+    cfg = OmegaConf.merge(OmegaConf.structured(cls), *nodes)
+    for key in OmegaConf.missing_keys(cfg):
+        OmegaConf.update(cfg, key, None, force_add=True)
+    return OmegaConf.to_object(cfg)
 
 
 def register_schema() -> None:
@@ -119,5 +126,6 @@ __all__ = [
     "VerifySettings",
     "check_choice",
     "compose",
+    "group_settings",
     "register_schema",
 ]

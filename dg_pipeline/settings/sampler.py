@@ -157,13 +157,6 @@ def generation_config(tokenizer, base: Any = None, **overrides: Any):
     return config
 
 
-def release_generation_config(model, tokenizer, settings: SamplerSettings | None = None):
-    """What a release's generation_config.json carries: the model's sampler keys and token ids (unset ones from
-    the defaults), with the run's non-null `sampler.*` keys applied; nothing else of the model's config."""
-    own = read_sampler_settings(getattr(model, "generation_config", None))
-    return generation_config(tokenizer, **{**own, **(settings.generation_overrides() if settings else {})})
-
-
 __all__ = [
     "ACCEPTANCE_RULES",
     "CANVAS_INITS",
@@ -177,5 +170,4 @@ __all__ = [
     "generation_config",
     "read_sampler_settings",
     "reference_defaults",
-    "release_generation_config",
 ]

@@ -14,18 +14,21 @@ from __future__ import annotations
 import time
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, DiffusionGemmaGenerationConfig
 
 from dg_pipeline.core import GateFailed, InputError, RunDir, atomic_write_json, read_json
+from dg_pipeline.core.registry import STAGES, decide_reuse
 from dg_pipeline.data.tokenizer import build_board_tokenizer
 from dg_pipeline.model.configs import build_model
 from dg_pipeline.model.convert import PARITY_THRESHOLDS, parity_probe
-from dg_pipeline.model.io import load_base, resolve_dtype, save_model
+from dg_pipeline.model.io import load_base, resolve_device, resolve_dtype, save_model
 from dg_pipeline.model.logits import encoder_causal_lm_logits
 from dg_pipeline.model.structure import parameter_counts, untied_backbone_weights
+from dg_pipeline.settings import RunSettings
+from dg_pipeline.verify.record import at_most, holds
 
 STAGE = "base"
 KIND_INIT = "init"
@@ -35,21 +38,23 @@ console = Console()
 
 
 def run(cfg: DictConfig) -> dict:
+    settings = RunSettings.from_cfg(cfg)
     rundir = RunDir.from_cfg(cfg)
-    model_dir, verify_path = rundir.model_dir(STAGE), rundir.verify_json(STAGE)
-    request = source_request(cfg)
+    model_dir, verify_path = rundir.output(STAGE), rundir.verify_json(STAGE)
+    request = source_request(settings)
 
-    if model_dir.exists() and verify_path.exists() and not cfg.get("force", False):
-        record = read_json(verify_path)
-        if record.get("passed"):
-            _refuse_if_built_differently(record, request, rundir)
-            console.print(f"[bold]base[/]: skipped, {model_dir} exists (force=true rebuilds it)")
-            return {**record, "skipped": True}
-        console.print(f"[bold]base[/]: {verify_path} recorded a failed check; rebuilding")
+    previous = read_json(verify_path) if verify_path.is_file() else None
+    reuse = decide_reuse(STAGES[STAGE].reuse, model_dir, force=settings.force, gate_record=previous)
+    if reuse.skip:
+        _refuse_if_built_differently(previous, request, rundir)
+        console.print(f"[bold]base[/]: skipped, {reuse.reason} (force=true rebuilds it)")
+        return {**previous, "skipped": True}
+    if previous is not None and not settings.force:
+        console.print(f"[bold]base[/]: rebuilding: {reuse.reason}")
 
     started = time.perf_counter()
-    device = resolve_device(str(cfg.get("device", "auto")))
-    model, tokenizer, kind, conversion, source_input = build_base(cfg, request, device)
+    device = resolve_device(settings.device)
+    model, tokenizer, kind, conversion, source_input = build_base(settings.data.kind, request, device)
     with console.status(f"base: saving {model_dir}"):
         save_model(model, tokenizer, model_dir)
     with console.status("base: reloading the saved dir to check it"):
@@ -88,26 +93,21 @@ def run(cfg: DictConfig) -> dict:
 # --- pieces --------------------------------------------------------------------------------------------------------
 
 
-def source_request(cfg: DictConfig) -> dict:
+def source_request(settings: RunSettings) -> dict:
     """What the user asked for: the keys that decide the base model (recorded, and compared before a skip)."""
-    model_cfg = cfg.model
-    if OmegaConf.is_missing(model_cfg, "base"):
-        raise InputError("model.base is required by this recipe: pass model.base=<local HF dir> (DiffusionGemma or "
-                         "Gemma 4 causal LM)")
-    base, init = model_cfg.get("base"), model_cfg.get("init")
-    if not base and not init:
-        raise InputError("model.base and model.init are both null: pass model.base=<local HF dir> or "
-                         "model.init=<named config> (see dg_pipeline/model/configs.py)")
-    canvas_length = model_cfg.get("canvas_length")
-    if not (canvas_length is None and base) and (not isinstance(canvas_length, int) or canvas_length <= 0):
-        raise InputError(f"model.canvas_length={canvas_length}: must be a positive integer (the block length)")
+    model = settings.model
+    if not model.base and not model.init:
+        raise InputError("model.base is required (model.init is null): pass model.base=<local HF dir> (DiffusionGemma "
+                         "or Gemma 4 causal LM), or model.init=<named config> (see dg_pipeline/model/configs.py)")
+    if model.canvas_length is None and not model.base:
+        raise InputError("model.canvas_length=None: must be a positive integer (the block length)")
     return {
-        "base": str(base) if base else None,
-        "init": None if base else str(init),
-        "canvas_length": canvas_length,
-        "dtype": str(model_cfg.get("dtype", "float32")),
-        "vocab_size": None if base else model_cfg.get("vocab_size"),
-        "seed": int(cfg.get("seed", 0)),
+        "base": model.base or None,
+        "init": None if model.base else model.init,
+        "canvas_length": model.canvas_length,
+        "dtype": model.dtype,
+        "vocab_size": None if model.base else model.vocab_size,
+        "seed": settings.seed,
     }
 
 
@@ -122,15 +122,7 @@ def _refuse_if_built_differently(record: dict, request: dict, rundir: RunDir) ->
         )
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InputError(f"device={device}: choose cpu, cuda or auto")
-    return device
-
-
-def build_base(cfg: DictConfig, request: dict, device: str):
+def build_base(data_kind: str, request: dict, device: str):
     """(model, tokenizer, source kind, ConversionReport or None, input description) for the requested source."""
     dtype = resolve_dtype(request["dtype"])
     if request["base"]:
@@ -142,7 +134,6 @@ def build_base(cfg: DictConfig, request: dict, device: str):
         console.print(f"[bold]base[/]: {loaded.kind} from {loaded.info.path}")
         return loaded.model, loaded.tokenizer, loaded.kind, loaded.conversion, str(loaded.info.path)
 
-    data_kind = str(cfg.get("data", {}).get("kind", "sudoku"))
     if data_kind != "sudoku":
         raise InputError(
             f"model.init={request['init']}: a randomly initialised model needs the board tokenizer, which only the "
@@ -158,23 +149,16 @@ def build_base(cfg: DictConfig, request: dict, device: str):
     return model, tokenizer, KIND_INIT, None, f"init:{request['init']}"
 
 
-def check(name: str, value, threshold, passed: bool) -> dict:
-    return {"name": name, "value": value, "threshold": threshold, "passed": bool(passed)}
-
-
 def conversion_checks(conversion, dtype: torch.dtype) -> list[dict]:
     """Parity of the converted encoder (and vision tower) with Gemma 4; self-conditioning starts as a no-op."""
     threshold = PARITY_THRESHOLDS[dtype]
     checks = [
-        check("conversion_parity_max_abs_logit_diff", conversion.parity_max_abs_logit_diff, threshold,
-              conversion.parity_max_abs_logit_diff <= threshold),
-        check("self_conditioning_noop_max_abs_logit_diff", conversion.self_conditioning_max_abs_diff, 0.0,
-              conversion.self_conditioning_max_abs_diff == 0.0),
+        at_most("conversion_parity_max_abs_logit_diff", conversion.parity_max_abs_logit_diff, threshold),
+        at_most("self_conditioning_noop_max_abs_logit_diff", conversion.self_conditioning_max_abs_diff, 0.0),
     ]
     if conversion.vision_max_abs_diff is not None:
-        checks.insert(1, check("vision_parity_max_abs_diff", conversion.vision_max_abs_diff, threshold,
-                               conversion.vision_max_abs_diff <= threshold))
-    return checks
+        checks.insert(1, at_most("vision_parity_max_abs_diff", conversion.vision_max_abs_diff, threshold))
+    return [c.as_record() for c in checks]
 
 
 @torch.no_grad()
@@ -187,17 +171,18 @@ def reload_checks(model, tokenizer, model_dir, dtype_name: str, device: str) -> 
     reload_diff = (encoder_causal_lm_logits(model, probe) - encoder_causal_lm_logits(reloaded, probe)).abs().max()
     reload_diff, threshold = reload_diff.item(), PARITY_THRESHOLDS[dtype]
     saved_generation = DiffusionGemmaGenerationConfig.from_pretrained(model_dir)
-    generation_ok = _sampler_settings(saved_generation) == _sampler_settings(model.generation_config)
+    generation_ok = _as_json(saved_generation) == _as_json(model.generation_config)
     tokenizer_ok = AutoTokenizer.from_pretrained(model_dir).get_vocab() == tokenizer.get_vocab()
-    return [
-        check("untied_backbone_weights_after_reload", len(untied), 0, not untied),
-        check("reload_max_abs_logit_diff", reload_diff, threshold, reload_diff <= threshold),
-        check("generation_config_round_trip", generation_ok, True, generation_ok),
-        check("tokenizer_round_trip", tokenizer_ok, True, tokenizer_ok),
+    checks = [
+        at_most("untied_backbone_weights_after_reload", len(untied), 0),
+        at_most("reload_max_abs_logit_diff", reload_diff, threshold),
+        holds("generation_config_round_trip", generation_ok),
+        holds("tokenizer_round_trip", tokenizer_ok),
     ]
+    return [c.as_record() for c in checks]
 
 
-def _sampler_settings(generation_config) -> str:
+def _as_json(generation_config) -> str:
     return generation_config.to_json_string(use_diff=False, ignore_metadata=True)
 
 

@@ -15,8 +15,9 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from dg_pipeline.core import InputError, RunDir
+from dg_pipeline.settings import RunSettings
 from dg_pipeline.export import CheckFailed, check_export
-from dg_pipeline.export.formats import MANIFEST
+from dg_pipeline.core.manifest import MANIFEST
 
 STAGE = "check"
 console = Console()
@@ -24,7 +25,7 @@ console = Console()
 
 def export_dirs(cfg: DictConfig) -> list[Path]:
     """input= if given, else every exported dir under <run_dir>/export/."""
-    explicit = cfg.get("input")
+    explicit = RunSettings.from_cfg(cfg).input
     if explicit:
         path = Path(str(explicit)).expanduser().resolve()
         if not path.is_dir():

@@ -13,57 +13,28 @@ A failed check raises GateFailed after verify.json is written (the entry point e
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import DictConfig
 from rich.console import Console
 
-from dg_pipeline.core import RunDir, read_json
-from dg_pipeline.data import chat_examples, load_splits, read_boards, read_chat_jsonl, sudoku_examples
-from dg_pipeline.model.io import load_model
-from dg_pipeline.stages.base import resolve_device
-from dg_pipeline.verify import run_gate
+from dg_pipeline.core import RunDir
+from dg_pipeline.data import load_eval_examples
+from dg_pipeline.model.io import load_model, resolve_device
+from dg_pipeline.settings import RunSettings
+from dg_pipeline.verify import GateSettings, gate_record_beside, run_gate
 
 STAGE = "eval"
 console = Console()
 
 
 def run(cfg: DictConfig) -> dict:
+    settings = RunSettings.from_cfg(cfg)
+    gate = GateSettings.for_run(settings)
     rd = RunDir.from_cfg(cfg)
-    input_dir = rd.resolve_input(STAGE, cfg.get("input"))
-    device = resolve_device(str(cfg.get("device", "auto")))
+    input_dir = rd.resolve_input(STAGE, settings.input)
+    device = resolve_device(settings.device)
     with console.status(f"eval: loading {input_dir}"):
-        model, tokenizer = load_model(input_dir, dtype=str(cfg.model.dtype), device=device)
-    examples = eval_examples(cfg, tokenizer, rd)
+        model, tokenizer = load_model(input_dir, dtype=settings.model.dtype, device=device)
+    examples = load_eval_examples(settings.data, tokenizer, rd, settings.seed, limit=gate.n_eval)
     console.print(f"[bold]eval[/]: {len(examples)} examples, model {input_dir} on {device}")
-    return run_gate(model, tokenizer, examples, cfg, STAGE, input_dir, rd.stage(STAGE), reference=provider_record(input_dir))
-
-
-def eval_examples(cfg: DictConfig, tokenizer, rd: RunDir) -> list:
-    """data.eval_path read directly (no training data is touched), else the run's eval split."""
-    data = cfg.data
-    path = data.get("eval_path")
-    limit = cfg.verify.get("n_eval") or data.get("n_eval")
-    if not path:
-        return load_splits(data, tokenizer, rd, int(cfg.seed)).eval
-    if str(data.kind) == "sudoku":
-        return sudoku_examples(read_boards(path, data.get("size"), limit=limit), tokenizer)
-    records = read_chat_jsonl(path, limit=limit)
-    return chat_examples(records, tokenizer, data.get("max_prompt_length"), bool(data.get("chat_template", True)))
-
-
-def gate_record(path: Path) -> dict | None:
-    """The task-gate record at `path` (a verify.json) with its `path`, or None when absent or not a task gate
-    (stage=base checks weights, not a task: no accuracy, no reference)."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    record = read_json(path)
-    if "metric" not in record or "accuracy" not in record:
-        return None
-    return {**record, "path": str(path)}
-
-
-def provider_record(model_dir: Path) -> dict | None:
-    """The task-gate record of the stage that wrote `model_dir` (<stage>/model -> <stage>/verify.json), if any."""
-    return gate_record(Path(model_dir).parent / "verify.json")
+    return run_gate(model, tokenizer, examples, gate, STAGE, input_dir, rd.output(STAGE),
+                    reference=gate_record_beside(input_dir))

@@ -18,12 +18,11 @@ A failed gate still publishes the bundle (it passed the loader rules) and then r
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
@@ -40,16 +39,15 @@ from dg_pipeline.export import (
     render_model_card,
     write_manifest,
 )
-from dg_pipeline.model.io import load_model, resolve_dtype
+from dg_pipeline.data import load_eval_examples
+from dg_pipeline.model.io import load_model, resolve_device, resolve_dtype
 from dg_pipeline.model.structure import parameter_counts
 from dg_pipeline.quant import QUANT_JSON, read_quant_record, restore_quantized
-from dg_pipeline.stages.base import resolve_device
-from dg_pipeline.stages.eval import eval_examples, gate_record, provider_record
-from dg_pipeline.verify import gate_reference, run_gate
+from dg_pipeline.settings import DataSettings, ObjectiveSettings, RunSettings
+from dg_pipeline.verify import GateSettings, gate_record_beside, gate_reference, read_gate_record, run_gate
 from dg_pipeline.verify.report import stage_label
 
 STAGE = "export"
-FORMATS = ("hf", "bf16")
 console = Console()
 
 
@@ -67,40 +65,41 @@ class ExportSource:
 
 def quantize_input(cfg: DictConfig, rd: RunDir) -> Path:
     """The quantize dir an hf export reads: input=<dir>, else <run_dir>/quantize/<quant.name>."""
-    default = rd.stage("quantize") / str(cfg.quant.name)
-    if not cfg.get("input") and not default.exists():
+    settings = RunSettings.from_cfg(cfg)
+    default = rd.output("quantize", settings.quant.name)
+    if not settings.input and not default.exists():
         raise InputError(f"stage=export needs {default}, which does not exist: run `stage=quantize "
-                         f"quant={cfg.quant.name} run_dir={rd.root}` first, or pass input=<quantize dir>")
-    return rd.resolve_input(STAGE, cfg.get("input"), default=default)
+                         f"quant={settings.quant.name} run_dir={rd.root}` first, or pass input=<quantize dir>")
+    return rd.resolve_input(STAGE, settings.input, default=default)
 
 
 def export_name(cfg: DictConfig, rd: RunDir) -> str:
     """export.name, else the quantize dir's name for hf (nvfp4, nvfp4-text, ...: what was quantized, not which
     quant= group happens to be composed), else bf16."""
-    e = cfg.export
-    if e.get("name"):
-        return str(e.name)
-    return quantize_input(cfg, rd).name if str(e.format) == "hf" else "bf16"
+    export = RunSettings.from_cfg(cfg).export
+    if export.name:
+        return export.name
+    return quantize_input(cfg, rd).name if export.format == "hf" else "bf16"
 
 
 def run(cfg: DictConfig) -> dict:
+    settings = RunSettings.from_cfg(cfg)
+    gate_settings = GateSettings.for_run(settings, own_allowance="export")  # the reload-parity allowance
     rd = RunDir.from_cfg(cfg)
-    fmt = str(cfg.export.format)
-    if fmt not in FORMATS:
-        raise InputError(f"export.format={fmt}: choose hf (ModelOpt unified checkpoint of a quantize output) or "
-                         "bf16 (plain HF weights of an unquantized model)")
+    fmt = settings.export.format
     name = export_name(cfg, rd)
-    target = rd.stage(STAGE) / name
-    overwrite = bool(cfg.export.get("overwrite", False))
+    target = rd.output(STAGE, name)
+    overwrite = settings.export.overwrite
     if target.exists() and not overwrite:
         raise InputError(f"{target} already exists; pass export.overwrite=true to replace it (or export.name=<other>)")
-    dtype = resolve_dtype(str(cfg.export.get("dtype", "bfloat16")), key="export.dtype")
-    device = resolve_device(str(cfg.get("device", "auto")))
+    dtype = resolve_dtype(settings.export.dtype, key="export.dtype")
+    device = resolve_device(settings.device)
     started = time.perf_counter()
 
-    source = load_source(cfg, rd, fmt, device)
-    examples = eval_examples(cfg, source.tokenizer, rd)  # before the export: a data problem fails fast
-    generation_config = release_generation_config(source.model, source.tokenizer, cfg.sampler)
+    source = load_source(cfg, rd, gate_settings, device)
+    # Before the export: a data problem fails fast.
+    examples = load_eval_examples(settings.data, source.tokenizer, rd, settings.seed, limit=gate_settings.n_eval)
+    generation_config = release_generation_config(source.model, source.tokenizer, settings.sampler)
     parameters = parameter_counts(source.model)["total"]
     console.print(f"[bold]export[/]: {fmt} of {source.input_dir} -> {target} (unquantized tensors in "
                   f"{str(dtype).removeprefix('torch.')})")
@@ -121,7 +120,7 @@ def run(cfg: DictConfig) -> dict:
             reloaded = load_export(tmp, device=device, verify=False)
         try:
             gate = run_gate(
-                reloaded.model, reloaded.tokenizer, examples, gate_config(cfg), STAGE, source.input_dir, tmp,
+                reloaded.model, reloaded.tokenizer, examples, gate_settings, STAGE, source.input_dir, tmp,
                 reference=source.reference, simulated=result.quant_algo is not None,
                 extra={
                     "export_format": fmt,
@@ -134,7 +133,7 @@ def run(cfg: DictConfig) -> dict:
         except GateFailed as e:
             gate_failure, gate = e, read_json(tmp / "verify.json")
         del reloaded
-        facts = card_facts(cfg, rd, name, tmp, source, parameters, str(dtype).removeprefix("torch."))
+        facts = card_facts(settings, rd, name, tmp, source, parameters, str(dtype).removeprefix("torch."))
         atomic_write_text(tmp / "README.md", render_model_card(facts))
         write_manifest(tmp)
         make_world_readable(tmp)
@@ -159,15 +158,15 @@ def run(cfg: DictConfig) -> dict:
 # ------------------------------------------------------------------------------------------------- the input
 
 
-def load_source(cfg: DictConfig, rd: RunDir, fmt: str, device: str) -> ExportSource:
-    explicit = cfg.get("input")
-    if fmt == "hf":
+def load_source(cfg: DictConfig, rd: RunDir, gate_settings: GateSettings, device: str) -> ExportSource:
+    settings = RunSettings.from_cfg(cfg)
+    if settings.export.format == "hf":
         input_dir = quantize_input(cfg, rd)
         if not (input_dir / QUANT_JSON).exists():
             raise InputError(f"input={input_dir}: not a quantize output (no {QUANT_JSON}); export.format=hf exports "
                              "a quantized model: pass a <run_dir>/quantize/<quant> dir, or export.format=bf16 for "
                              "a model dir")
-        reference = gate_reference(gate_config(cfg), STAGE, input_dir, gate_record(input_dir / "verify.json"))
+        reference = gate_reference(gate_settings, STAGE, input_dir, read_gate_record(input_dir / "verify.json"))
         with console.status(f"export: restoring the ModelOpt state of {input_dir}"):
             model, tokenizer, record = restore_quantized(input_dir, device=device)
         if reference is not None and not reference.get("passed", True):
@@ -175,29 +174,20 @@ def load_source(cfg: DictConfig, rd: RunDir, fmt: str, device: str) -> ExportSou
                           "(the export's own gate compares with that accuracy)")
         return ExportSource(model, tokenizer, input_dir, record, Path(record["base_model_dir"]), reference)
 
-    input_dir = rd.resolve_input(STAGE, explicit, default=rd.model_dir("sft"))
+    input_dir = rd.resolve_input(STAGE, settings.input, default=rd.output("sft"))
     model_dir = input_dir
     if (input_dir / QUANT_JSON).exists():  # the unquantized release of a quantize output's base model
         model_dir = Path(read_quant_record(input_dir)["base_model_dir"])
-    reference = gate_reference(gate_config(cfg), STAGE, model_dir, provider_record(model_dir))
+    reference = gate_reference(gate_settings, STAGE, model_dir, gate_record_beside(model_dir))
     with console.status(f"export: loading {model_dir}"):
         model, tokenizer = load_model(model_dir, dtype="float32", device=device)
     return ExportSource(model, tokenizer, input_dir, None, model_dir, reference)
 
 
-def gate_config(cfg: DictConfig) -> DictConfig:
-    """cfg with verify.max_accuracy_drop defaulting to export.max_accuracy_drop (the reload-parity allowance)."""
-    out = copy.deepcopy(cfg)
-    with open_dict(out):
-        if out.verify.get("max_accuracy_drop") is None:
-            out.verify.max_accuracy_drop = out.export.get("max_accuracy_drop")
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ model card
 
 
-def card_facts(cfg, rd: RunDir, name: str, bundle: Path, source: ExportSource, parameters: int,
+def card_facts(settings: RunSettings, rd: RunDir, name: str, bundle: Path, source: ExportSource, parameters: int,
                dtype: str) -> ModelCardFacts:
     records = {}
     for path in sorted(rd.root.glob("*/verify.json")) + sorted(rd.root.glob("*/*/verify.json")):
@@ -219,10 +209,10 @@ def card_facts(cfg, rd: RunDir, name: str, bundle: Path, source: ExportSource, p
     return ModelCardFacts(
         name=name,
         export_dir=bundle,
-        base=_base_description(cfg, rd),
+        base=_base_description(settings, rd),
         recipe=_recipe_name(),
-        data=_data_description(cfg),
-        objective=_objective_description(cfg),
+        data=_data_description(settings.data),
+        objective=_objective_description(settings.objective),
         canvas_length=int(read_json(bundle / "config.json")["canvas_length"]),
         parameters=parameters,
         quant_details=details,
@@ -231,10 +221,10 @@ def card_facts(cfg, rd: RunDir, name: str, bundle: Path, source: ExportSource, p
     )
 
 
-def _base_description(cfg, rd: RunDir) -> str:
+def _base_description(settings: RunSettings, rd: RunDir) -> str:
     path = rd.verify_json("base")
     source = read_json(path).get("source") if path.is_file() else None
-    source = source or {"base": cfg.model.get("base"), "init": cfg.model.get("init")}
+    source = source or {"base": settings.model.base, "init": settings.model.init}
     if source.get("base"):
         return f"`{source['base']}`"
     return f"random init of the `{source.get('init')}` shape (dg_pipeline.model.configs)"
@@ -248,23 +238,15 @@ def _recipe_name() -> str:
     return "-"
 
 
-def _data_description(cfg) -> str:
-    d = cfg.data
-    if str(d.kind) == "sudoku":
-        source = d.get("train_path") or f"{d.get('n_train')} generated boards ({d.get('min_clues')}-" \
-                                        f"{d.get('max_clues')} clues)"
-        return f"Sudoku {d.get('size')}x{d.get('size')}: {source}; eval {d.get('eval_path') or 'generated'}"
-    return f"chat JSONL `{d.get('train_path')}`"
+def _data_description(d: DataSettings) -> str:
+    if d.kind == "sudoku":
+        source = d.train_path or f"{d.n_train} generated boards ({d.min_clues}-{d.max_clues} clues)"
+        return f"Sudoku {d.size}x{d.size}: {source}; eval {d.eval_path or 'generated'}"
+    return f"chat JSONL `{d.train_path}`"
 
 
-def _objective_description(cfg) -> str:
-    o = cfg.objective
-    parts = [str(o.get("name"))]
-    if o.get("ar_loss_weight") is not None:
-        parts.append(f"encoder AR loss x{o.get('ar_loss_weight')}")
-    if o.get("self_conditioning_prob") is not None:
-        parts.append(f"self-conditioning p={o.get('self_conditioning_prob')}")
-    return ", ".join(parts)
+def _objective_description(o: ObjectiveSettings) -> str:
+    return f"{o.name}, encoder AR loss x{o.ar_loss_weight}, self-conditioning p={o.self_conditioning_prob}"
 
 
 def make_world_readable(bundle: Path) -> None:

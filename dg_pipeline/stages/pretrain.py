@@ -10,13 +10,14 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from dg_pipeline.core.errors import InputError
+from dg_pipeline.settings import RunSettings
 from dg_pipeline.stages.sft import run_training_stage
 
 STAGE = "pretrain"
 
 
 def run(cfg: DictConfig) -> dict:
-    steps = int(cfg.trainer.get("pretrain_steps", 0) or 0)
+    steps = RunSettings.from_cfg(cfg).trainer.pretrain_steps
     if steps <= 0:
         raise InputError(f"trainer.pretrain_steps={steps}: stage=pretrain needs a positive number of steps "
                          f"(e.g. trainer.pretrain_steps=200)")

@@ -26,28 +26,27 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from dg_pipeline.core import InputError, RunDir, atomic_dir, atomic_write_json, read_json
+from dg_pipeline.core import RunDir, atomic_dir, atomic_write_json, read_json
 from dg_pipeline.core.fingerprint import input_identity, stage_fingerprint
-from dg_pipeline.settings import RunSettings
-from dg_pipeline.data import load_splits
-from dg_pipeline.model.io import load_model
+from dg_pipeline.core.registry import STAGES, decide_reuse
+from dg_pipeline.data import load_eval_examples, load_splits
+from dg_pipeline.model.io import load_model, resolve_device
 from dg_pipeline.quant import (
-    CALIB_MODES,
     QUANT_JSON,
     LogitsErrorProbe,
     build_recipe,
     calibrate,
     calibration_examples,
-    diffusion_forward_loop,
+    calibration_forward_loop,
     fold_weights_for_eval,
     fp8_gemm_supported,
     save_quantized,
     swap_in_fp8_gemms,
-    text_forward_loop,
 )
-from dg_pipeline.stages.base import resolve_device
-from dg_pipeline.stages.eval import eval_examples, provider_record
-from dg_pipeline.verify import gate_reference, run_gate
+from dg_pipeline.sampling import SamplerConfig
+from dg_pipeline.settings import RunSettings
+from dg_pipeline.verify import GateSettings, gate_record_beside, gate_reference, read_gate_record, run_gate
+from dg_pipeline.verify.gate import resolve_max_new_tokens
 
 STAGE = "quantize"
 console = Console()
@@ -55,47 +54,46 @@ console = Console()
 
 def output_name(cfg: DictConfig) -> str:
     """The quantize dir's name: <quant>, or <quant>-<calib mode> for a comparison calibration."""
-    return RunSettings.from_cfg(cfg).calib.output_name(str(cfg.quant.name))
+    settings = RunSettings.from_cfg(cfg)
+    return settings.calib.output_name(settings.quant.name)
 
 
 def run(cfg: DictConfig) -> dict:
+    settings = RunSettings.from_cfg(cfg)
+    quant, calib = settings.quant, settings.calib
     rd = RunDir.from_cfg(cfg)
-    name = str(cfg.quant.name)
-    out_dir = rd.stage(STAGE) / output_name(cfg)
-    input_dir = rd.resolve_input(STAGE, cfg.get("input"))
+    out_dir = rd.output(STAGE, calib.output_name(quant.name))
+    input_dir = rd.resolve_input(STAGE, settings.input)
     fingerprint = stage_fingerprint(cfg, STAGE, input_identity(input_dir))
-    previous = _previous_record(out_dir, fingerprint)
-    if previous is not None and not cfg.get("force", False):
-        console.print(f"[bold]quantize[/]: skipped, {out_dir} passed with these settings on this input "
-                      "(force=true re-calibrates)")
+    previous = _previous_record(out_dir)
+    reuse = decide_reuse(STAGES[STAGE].reuse, out_dir, force=settings.force, gate_record=previous and previous["gate"],
+                         fingerprint=fingerprint, recorded_fingerprint=previous and previous.get("fingerprint"))
+    if reuse.skip:
+        console.print(f"[bold]quantize[/]: skipped, {reuse.reason} (force=true re-calibrates)")
         return {**previous, "skipped": True}
-    reference = gate_reference(cfg, STAGE, input_dir, provider_record(input_dir))  # before calibrating
-    device = resolve_device(str(cfg.get("device", "auto")))
-    recipe = build_recipe(
-        name,
-        str(cfg.quant.kv_cache),
-        self_conditioning=bool(cfg.quant.get("self_conditioning", False)),
-        extra_exclusions=list(cfg.quant.get("exclude") or []),
-        nvfp4_backend=str(cfg.quant.get("nvfp4_backend", "auto")),
-        device=device,
-    )
-    mode = str(cfg.calib.mode)
-    check_calib_mode(mode, recipe.self_conditioning)
+    if previous is not None:
+        console.print(f"[bold]quantize[/]: re-calibrating: {reuse.reason}")
+    gate_settings = GateSettings.for_run(settings, own_allowance="quant")
+    reference = gate_reference(gate_settings, STAGE, input_dir, gate_record_beside(input_dir))  # before calibrating
+    device = resolve_device(settings.device)
+    recipe = build_recipe(quant.name, quant.kv_cache, self_conditioning=quant.self_conditioning,
+                          extra_exclusions=list(quant.exclude), nvfp4_backend=quant.nvfp4_backend, device=device)
 
     with console.status(f"quantize: loading {input_dir}"):
-        model, tokenizer = load_model(input_dir, dtype=str(cfg.model.dtype), device=device)
-    splits = load_splits(cfg.data, tokenizer, rd, seed=int(cfg.seed))
-    calib = calibration_examples(splits.train, int(cfg.calib.n_samples), int(cfg.calib.max_length))
-    probe = LogitsErrorProbe(model, [e.prompt_ids for e in splits.eval[: int(cfg.quant.probe_prompts)]], int(cfg.seed))
+        model, tokenizer = load_model(input_dir, dtype=settings.model.dtype, device=device)
+    splits = load_splits(settings.data, tokenizer, rd, seed=settings.seed)
+    calib_examples = calibration_examples(splits.train, calib.n_samples, calib.max_length)
+    probe = LogitsErrorProbe(model, [e.prompt_ids for e in splits.eval[: quant.probe_prompts]], settings.seed)
     console.print(
-        f"[bold]quantize[/]: {name} (kv cache {recipe.kv_cache}) of {input_dir} on {device}; calib.mode={mode}, "
-        f"{len(calib)} prompts" + (f", NVFP4 via backend {recipe.nvfp4_backend}" if recipe.nvfp4_backend else "")
+        f"[bold]quantize[/]: {quant.name} (kv cache {recipe.kv_cache}) of {input_dir} on {device}; "
+        f"calib.mode={calib.mode}, {len(calib_examples)} prompts"
+        + (f", NVFP4 via backend {recipe.nvfp4_backend}" if recipe.nvfp4_backend else "")
     )
 
-    loop, calib_settings = forward_loop(cfg, mode, model, tokenizer, calib)
+    loop, calib_settings = forward_loop(settings, model, tokenizer, calib_examples)
     result = calibrate(model, recipe, loop)
     error = probe.error(model)
-    record = {**quant_record(cfg, recipe, input_dir, calib_settings, result, error), "fingerprint": fingerprint}
+    record = {**quant_record(settings, recipe, input_dir, calib_settings, result, error), "fingerprint": fingerprint}
     print_calibration(record)
 
     with atomic_dir(out_dir) as tmp:
@@ -103,20 +101,21 @@ def run(cfg: DictConfig) -> dict:
         _write_quant_summary(model, tmp)
         atomic_write_json(tmp / QUANT_JSON, record)
 
-    fp8_linears = gate_with_fp8_gemms(cfg, model, name, device)
+    fp8_linears = gate_with_fp8_gemms(quant.fp8_gemm, model, quant.name, device)
     folded = fold_weights_for_eval(model)  # saved above; the gate's forwards need not re-round the weights
     simulated = True  # fake quantization somewhere (all of it, or the experts next to real-FP8 linears)
     console.print(
         "[yellow]note[/]: tokens/s below are a simulation: weights and activations are fake-quantized "
         + (f"(except {len(fp8_linears)} linears running real FP8 GEMMs)" if fp8_linears else "(no native FP8/FP4 kernels)")
     )
+    examples = load_eval_examples(settings.data, tokenizer, rd, settings.seed, limit=gate_settings.n_eval)
     gate = run_gate(
-        model, tokenizer, eval_examples(cfg, tokenizer, rd), cfg, STAGE, input_dir, out_dir,
+        model, tokenizer, examples, gate_settings, STAGE, input_dir, out_dir,
         reference=reference, simulated=simulated,
         extra={
-            "quant": name,
+            "quant": quant.name,
             "kv_cache": recipe.kv_cache,
-            "calib_mode": mode,
+            "calib_mode": calib.mode,
             "logits_relative_error": error["logits_relative_error"],
             "fp8_gemm_linears": len(fp8_linears),
             "folded_weight_quantizers": folded,
@@ -126,40 +125,18 @@ def run(cfg: DictConfig) -> dict:
     return {**record, "gate": gate}
 
 
-def check_calib_mode(mode: str, self_conditioning: bool) -> None:
-    if mode not in CALIB_MODES:
-        raise InputError(f"calib.mode={mode}: choose one of {', '.join(CALIB_MODES)} (conf/calib/<mode>.yaml)")
-    if mode == "text" and self_conditioning:
-        raise InputError(
-            "quant.self_conditioning=true with calib.mode=text: the text loop never runs a self-conditioned decoder "
-            "pass, so those quantizers would calibrate on zeros; use calib.mode=diffusion or quant.self_conditioning=false"
-        )
+def forward_loop(settings: RunSettings, model, tokenizer, examples: list):
+    """The calibration loop of the run's calib group, sampling as the run's gate does (same sampler settings, so a
+    masked model calibrates on <mask> canvases), and the settings it runs with."""
+    calib = settings.calib
+    sampler_config = SamplerConfig.for_model(model, settings.sampler, tokenizer)
+    max_new = calib.max_new_tokens or resolve_max_new_tokens(settings.sampler.max_new_tokens, settings.data.kind,
+                                                              examples)
+    seed = calib.seed if calib.seed is not None else settings.seed
+    return calibration_forward_loop(calib, model, tokenizer, examples, sampler_config, max_new, seed, console)
 
 
-def forward_loop(cfg: DictConfig, mode: str, model, tokenizer, calib: list):
-    """The ModelOpt forward loop for calib.mode and the settings it runs with (recorded in quant.json)."""
-    c = cfg.calib
-    batch_size, max_length = int(c.batch_size), int(c.max_length)
-    settings = {"mode": mode, "n_samples": len(calib), "requested_n_samples": int(c.n_samples),
-                "batch_size": batch_size, "max_length": max_length, "split": "train"}
-    if mode == "text":
-        loop = text_forward_loop(calib, tokenizer.pad_token_id, model.config.canvas_length, batch_size, max_length, console)
-        return loop, settings
-    from dg_pipeline.sampling import SamplerConfig
-    from dg_pipeline.verify.gate import resolve_max_new_tokens
-
-    longest_prompt = max(len(e.prompt_ids) for e in calib)
-    max_new = c.get("max_new_tokens") or resolve_max_new_tokens(cfg, calib)
-    max_new = max(1, min(int(max_new), max_length - longest_prompt))
-    sampler_config = SamplerConfig.from_hydra(cfg.sampler, model.generation_config)
-    seed = int(c.get("seed") if c.get("seed") is not None else cfg.seed)
-    settings.update(max_new_tokens=max_new, seed=seed, max_denoising_steps=sampler_config.max_denoising_steps,
-                    acceptance=sampler_config.acceptance)
-    loop = diffusion_forward_loop(calib, tokenizer.pad_token_id, sampler_config, batch_size, max_new, seed, console)
-    return loop, settings
-
-
-def quant_record(cfg, recipe, input_dir: Path, calib_settings: dict, result, error: dict) -> dict:
+def quant_record(settings: RunSettings, recipe, input_dir: Path, calib_settings: dict, result, error: dict) -> dict:
     """quant.json: what was quantized how, from which model, and what calibration measured."""
     return {
         "stage": STAGE,
@@ -168,7 +145,7 @@ def quant_record(cfg, recipe, input_dir: Path, calib_settings: dict, result, err
         "source": recipe.source,
         "nvfp4_backend": recipe.nvfp4_backend,
         "base_model_dir": str(input_dir),
-        "dtype": str(cfg.model.dtype),
+        "dtype": settings.model.dtype,
         "exclusions": recipe.exclusions,
         "excluded_modules": result.excluded_modules,
         "self_conditioning_quantized": recipe.self_conditioning,
@@ -179,16 +156,14 @@ def quant_record(cfg, recipe, input_dir: Path, calib_settings: dict, result, err
         "tied": result.tied,
         "logits_error": error,
         "logits_relative_error": error["logits_relative_error"],
-        "max_accuracy_drop": cfg.quant.get("max_accuracy_drop"),
+        "max_accuracy_drop": settings.quant.max_accuracy_drop,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 
 
-def gate_with_fp8_gemms(cfg: DictConfig, model, name: str, device: str) -> list[str]:
-    """quant=fp8 on Hopper+: swap the FP8-quantized linears for real FP8 GEMMs before the gate (after saving)."""
-    choice = str(cfg.quant.get("fp8_gemm", "auto"))
-    if choice not in ("auto", "false"):
-        raise InputError(f"quant.fp8_gemm={choice}: choose auto (real FP8 GEMMs where supported) or false")
+def gate_with_fp8_gemms(choice: str, model, name: str, device: str) -> list[str]:
+    """quant=fp8 on Hopper+ (quant.fp8_gemm=auto): swap the FP8-quantized linears for real FP8 GEMMs before the
+    gate (after saving)."""
     if name != "fp8" or choice == "false" or not fp8_gemm_supported(device):
         return []
     return swap_in_fp8_gemms(model, use_scaled_mm=True)
@@ -226,13 +201,10 @@ def _write_quant_summary(model, out_dir: Path) -> None:
         mtq.print_quant_summary(model, str(out_dir))
 
 
-def _previous_record(out_dir: Path, fingerprint: str) -> dict | None:
-    """The output to reuse: it passed its gate, with the same quantize settings, on the same input."""
-    quant_json, verify_json = out_dir / QUANT_JSON, out_dir / "verify.json"
-    if not (quant_json.exists() and verify_json.exists()):
+def _previous_record(out_dir: Path) -> dict | None:
+    """The output's quant.json with its gate record under "gate" (None when either is missing)."""
+    quant_json = out_dir / QUANT_JSON
+    verify = read_gate_record(out_dir / "verify.json")
+    if not quant_json.exists() or verify is None:
         return None
-    record, verify = read_json(quant_json), read_json(verify_json)
-    if record.get("fingerprint") != fingerprint:
-        console.print(f"[bold]quantize[/]: {out_dir} was made with other settings or another input; re-calibrating")
-        return None
-    return {**record, "gate": verify} if verify.get("passed") else None
+    return {**read_json(quant_json), "gate": verify}

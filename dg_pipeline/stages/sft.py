@@ -17,11 +17,13 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from dg_pipeline.core import RunDir, atomic_write_json, read_json
+from dg_pipeline.core.fingerprint import config_fingerprint
+from dg_pipeline.core.registry import STAGES, decide_reuse
 from dg_pipeline.data.sources import load_splits
-from dg_pipeline.model.io import load_model, resolve_dtype, save_model
-from dg_pipeline.stages.base import resolve_device
-from dg_pipeline.training import train
-from dg_pipeline.verify import run_gate
+from dg_pipeline.model.io import load_model, resolve_device, resolve_dtype, save_model
+from dg_pipeline.settings import RunSettings
+from dg_pipeline.training import RESUME_KEYS, TrainingJob, train
+from dg_pipeline.verify import GateSettings, run_gate
 
 STAGE = "sft"
 TRAINING_JSON = "training.json"
@@ -30,38 +32,42 @@ console = Console()
 
 
 def run(cfg: DictConfig) -> dict:
-    return run_training_stage(cfg, STAGE, max_steps=int(cfg.trainer.max_steps), ar_only=False)
+    return run_training_stage(cfg, STAGE, max_steps=RunSettings.from_cfg(cfg).trainer.max_steps, ar_only=False)
 
 
 def run_training_stage(cfg: DictConfig, stage: str, max_steps: int, ar_only: bool) -> dict:
     """Load the input model, train it (dg_pipeline.training.train), save it, record the figures, run the gate."""
+    settings = RunSettings.from_cfg(cfg)
     rundir = RunDir.from_cfg(cfg)
-    stage_dir, model_dir = rundir.stage(stage), rundir.model_dir(stage)
-    if model_dir.exists() and not cfg.get("force", False):
-        console.print(f"[bold]{stage}[/]: skipped, {model_dir} exists (force=true retrains)")
+    stage_dir, model_dir = rundir.stage(stage), rundir.output(stage)
+    reuse = decide_reuse(STAGES[stage].reuse, model_dir, force=settings.force)
+    if reuse.skip:
+        console.print(f"[bold]{stage}[/]: skipped, {reuse.reason} (force=true retrains)")
         return {**_previous_record(stage_dir), "skipped": True}
 
-    input_dir = rundir.resolve_input(stage, cfg.get("input"))  # sft: pretrain's model when it ran, else base's
-    device = resolve_device(str(cfg.get("device", "auto")))
+    input_dir = rundir.resolve_input(stage, settings.input)  # sft: pretrain's model when it ran, else base's
+    device = resolve_device(settings.device)
     # FP32 master weights whatever model.dtype says; trainer.precision decides the compute dtype.
     model, tokenizer = load_model(input_dir, dtype="float32", device="cpu")
-    splits = load_splits(cfg.data, tokenizer, rundir, seed=int(cfg.seed))
+    splits = load_splits(settings.data, tokenizer, rundir, seed=settings.seed)
+    objective = "ar" if ar_only else settings.objective.name
     console.print(f"[bold]{stage}[/]: {input_dir} -> {model_dir}; {len(splits.train)} train / {len(splits.val)} val "
-                  f"examples, {max_steps} steps, objective={'ar' if ar_only else cfg.objective.name}")
+                  f"examples, {max_steps} steps, objective={objective}")
 
     started = time.perf_counter()
-    model, result, trainer = train(cfg, model, tokenizer, splits, stage, stage_dir, max_steps, input_dir,
-                                   ar_only=ar_only, resume=not model_dir.exists())
+    job = TrainingJob.for_run(settings, stage, stage_dir, max_steps, ar_only=ar_only, resume=not model_dir.exists(),
+                              fingerprint=config_fingerprint(cfg, RESUME_KEYS, f"{stage}:{input_dir}"))
+    model, result, trainer = train(job, model, tokenizer, splits)
     if not trainer.is_global_zero:
         return {}  # other ranks only train; rank 0 saves and verifies
 
-    model = model.to(device=device, dtype=resolve_dtype(str(cfg.model.get("dtype", "float32")))).eval()
+    model = model.to(device=device, dtype=resolve_dtype(settings.model.dtype)).eval()
     save_model(model, tokenizer, model_dir)
     figures = {
         "stage": stage,
         "input": str(input_dir),
-        "objective": "ar" if ar_only else str(cfg.objective.name),
-        "lora": bool(cfg.trainer.lora.enabled),
+        "objective": objective,
+        "lora": settings.trainer.lora.enabled,
         **result.to_dict(),
         "train_examples": len(splits.train),
         "val_examples": len(splits.val),
@@ -69,8 +75,8 @@ def run_training_stage(cfg: DictConfig, stage: str, max_steps: int, ar_only: boo
     }
     atomic_write_json(stage_dir / TRAINING_JSON, figures)
     _print_figures(figures)
-    return run_gate(model, tokenizer, splits.eval, cfg, stage=stage, input_dir=input_dir, out_dir=stage_dir,
-                    extra={"training": figures})
+    return run_gate(model, tokenizer, splits.eval, GateSettings.for_run(settings), stage=stage, input_dir=input_dir,
+                    out_dir=stage_dir, extra={"training": figures})
 
 
 def _previous_record(stage_dir: Path) -> dict:

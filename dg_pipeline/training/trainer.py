@@ -4,22 +4,21 @@ exp_manager owns the experiment dir <run_dir>/<stage>/exp (explicit_log_dir): ch
 last), resume (trainer.resume_if_exists), the W&B logger (offline by default, files under <run_dir>/wandb), EMA
 (trainer.ema) and step timing. Scale-out only through Lightning strategies: trainer.devices / num_nodes /
 strategy = auto | ddp | fsdp (Lightning's ModelParallelStrategy; the module shards itself in configure_model).
+A stage hands training a `TrainingJob`: the typed settings it reads and where it writes, never the Hydra config.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from dg_pipeline.core.errors import InputError
@@ -28,6 +27,7 @@ from dg_pipeline.data.collate import Collator, ExampleDataset
 from dg_pipeline.training.callbacks import TokensPerSecond, progress_bar
 from dg_pipeline.objective import build_objective
 from dg_pipeline.training.lora import apply_lora, merge_lora
+from dg_pipeline.settings import LoggerSettings, ObjectiveSettings, RunSettings, TrainerSettings
 from dg_pipeline.training.module import (
     BlockDiffusionModule,
     OptimConfig,
@@ -38,6 +38,34 @@ from dg_pipeline.training.module import (
 EXP_DIR_NAME = "exp"
 CHECKPOINT_MONITOR = "val/loss"
 FINGERPRINT_FILE = "dg_fingerprint.json"
+# The config groups that decide a training run: <stage>/exp is resumed only by a run with the same ones.
+RESUME_KEYS = ("model", "data", "objective", "trainer", "seed")
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """What a training stage asks of `train`: the settings it reads and where it writes."""
+
+    stage: str
+    stage_dir: Path
+    max_steps: int
+    trainer: TrainerSettings
+    objective: ObjectiveSettings
+    logger: LoggerSettings
+    run_dir: Path
+    seed: int = 0
+    device: str | None = None  # cpu | cuda[:n] wins over trainer.accelerator; auto leaves it to the trainer
+    hyperparams: Mapping[str, Any] = field(default_factory=dict)  # the run's settings, as W&B records them
+    fingerprint: str = ""  # see RESUME_KEYS
+    resume: bool = True  # False: start fresh even when <stage>/exp holds the same run (force=true)
+    ar_only: bool = False  # the encoder-only objective (stage=pretrain)
+
+    @classmethod
+    def for_run(cls, settings: RunSettings, stage: str, stage_dir: Path, max_steps: int, **kwargs) -> "TrainingJob":
+        return cls(stage=stage, stage_dir=Path(stage_dir), max_steps=max_steps, trainer=settings.trainer,
+                   objective=settings.objective, logger=settings.logger,
+                   run_dir=Path(settings.run_dir).expanduser().resolve(), seed=settings.seed, device=settings.device,
+                   hyperparams=asdict(settings), **kwargs)
 
 
 @dataclass
@@ -111,29 +139,25 @@ def resolve_strategy(trainer_cfg, ar_only: bool):
     raise InputError(f"trainer.strategy={name}: choose auto, ddp or fsdp")
 
 
-def exp_manager_config(cfg: DictConfig, stage: str, exp_dir: Path, max_steps: int) -> dict:
+def exp_manager_config(job: TrainingJob) -> dict:
     """exp_manager's keys (nemo.utils.exp_manager.ExpManagerConfig) for one stage's experiment dir."""
-    run_dir = Path(str(cfg.run_dir)).expanduser().resolve()
-    trainer_cfg, logger_cfg = cfg.trainer, cfg.logger
-    wandb_mode = str(logger_cfg.mode)
-    if wandb_mode not in ("offline", "online", "disabled"):
-        raise InputError(f"logger.mode={wandb_mode}: choose offline, online or disabled")
+    run_dir, logger = job.run_dir, job.logger
     wandb_kwargs = {
-        "name": stage,
-        "project": str(logger_cfg.project),
-        "entity": logger_cfg.get("entity"),
+        "name": job.stage,
+        "project": logger.project,
+        "entity": logger.entity,
         "save_dir": str(run_dir),  # W&B writes <run_dir>/wandb/<offline-run-...>; `wandb sync` uploads it
-        "offline": wandb_mode == "offline",
+        "offline": logger.mode == "offline",
         "group": run_dir.name,
-        "job_type": stage,
+        "job_type": job.stage,
         "log_model": False,
     }
     return {
-        "explicit_log_dir": str(exp_dir),
-        "resume_if_exists": bool(trainer_cfg.resume_if_exists),
+        "explicit_log_dir": str(job.stage_dir / EXP_DIR_NAME),
+        "resume_if_exists": job.trainer.resume_if_exists,
         "resume_ignore_no_checkpoint": True,  # a first run has nothing to resume
         "create_tensorboard_logger": False,
-        "create_wandb_logger": wandb_mode != "disabled",
+        "create_wandb_logger": logger.mode != "disabled",
         "wandb_logger_kwargs": wandb_kwargs,
         "create_checkpoint_callback": True,
         "checkpoint_callback_params": {
@@ -142,30 +166,29 @@ def exp_manager_config(cfg: DictConfig, stage: str, exp_dir: Path, max_steps: in
             "save_top_k": 1,
             "save_last": True,
             # No metric name in the file name: "val/loss" would become a sub-directory.
-            "filename": f"{stage}-{{step}}",
+            "filename": f"{job.stage}-{{step}}",
             "auto_insert_metric_name": False,
             "always_save_nemo": False,
             "save_nemo_on_train_end": False,
             "save_best_model": False,
         },
-        "ema": {"enable": bool(trainer_cfg.ema.enable), "decay": float(trainer_cfg.ema.decay)},
+        "ema": {"enable": job.trainer.ema.enable, "decay": job.trainer.ema.decay},
         "log_step_timing": True,
         "log_tflops_per_sec_per_gpu": False,
         "create_preemption_callback": True,
     }
 
 
-def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, max_steps: int, ar_only: bool = False
-                  ) -> tuple[pl.Trainer, TokensPerSecond]:
-    """A Lightning Trainer for `max_steps` optimiser steps, wired through exp_manager under <stage_dir>/exp."""
+def build_trainer(job: TrainingJob, ar_only: bool = False) -> tuple[pl.Trainer, TokensPerSecond]:
+    """A Lightning Trainer for `job.max_steps` optimiser steps, wired through exp_manager under <stage_dir>/exp."""
     from nemo.utils.exp_manager import exp_manager
 
-    trainer_cfg = cfg.trainer
+    trainer_cfg = job.trainer
     throughput = TokensPerSecond()
-    val_every = max(1, min(int(trainer_cfg.val_check_interval), max_steps))
+    val_every = max(1, min(int(trainer_cfg.val_check_interval), job.max_steps))
     trainer = pl.Trainer(
-        max_steps=max_steps,
-        accelerator=resolve_accelerator(trainer_cfg, cfg.get("device")),
+        max_steps=job.max_steps,
+        accelerator=resolve_accelerator(trainer_cfg, job.device),
         devices=trainer_cfg.devices,
         num_nodes=int(trainer_cfg.num_nodes),
         strategy=resolve_strategy(trainer_cfg, ar_only),
@@ -177,31 +200,23 @@ def build_trainer(cfg: DictConfig, stage: str, stage_dir: Path, max_steps: int, 
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         log_every_n_steps=int(trainer_cfg.log_every_n_steps),
-        callbacks=[throughput, *progress_bar(str(trainer_cfg.get("progress_bar", "tqdm")))],
-        enable_progress_bar=str(trainer_cfg.get("progress_bar", "tqdm")) != "none",
+        callbacks=[throughput, *progress_bar(trainer_cfg.progress_bar)],
+        enable_progress_bar=trainer_cfg.progress_bar != "none",
         enable_model_summary=False,
         logger=False,  # exp_manager attaches the W&B logger
         enable_checkpointing=False,  # exp_manager attaches its checkpoint callback
-        default_root_dir=str(stage_dir),
+        default_root_dir=str(job.stage_dir),
     )
-    exp_manager(trainer, exp_manager_config(cfg, stage, stage_dir / EXP_DIR_NAME, max_steps))
+    exp_manager(trainer, exp_manager_config(job))
     for logger in trainer.loggers:
         # Here, not in exp_manager's kwargs: exp_manager would hand W&B an OmegaConf object it cannot serialise.
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(dict(job.hyperparams))
     return trainer, throughput
 
 
 def _metric(metrics: dict, key: str) -> float | None:
     value = metrics.get(key)
     return None if value is None else float(value)
-
-
-def training_fingerprint(cfg: DictConfig, stage: str, input_dir: Path | str) -> str:
-    """What decides a training run: a checkpoint in <stage>/exp is resumed only by a run with the same one."""
-    keys = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg.get(k), DictConfig) else cfg.get(k)
-            for k in ("model", "data", "objective", "trainer", "seed")}
-    blob = json.dumps({"stage": stage, "input": str(input_dir), **keys}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def prepare_exp_dir(exp_dir: Path, fingerprint: str, resume: bool) -> None:
@@ -214,17 +229,17 @@ def prepare_exp_dir(exp_dir: Path, fingerprint: str, resume: bool) -> None:
     atomic_write_json(marker, {"fingerprint": fingerprint})
 
 
-def fit(module: BlockDiffusionModule, train_loader: DataLoader, val_loader: DataLoader | None, cfg: DictConfig,
-        stage: str, stage_dir: Path, max_steps: int, fingerprint: str = "", resume: bool = True
+def fit(module: BlockDiffusionModule, train_loader: DataLoader, val_loader: DataLoader | None, job: TrainingJob
         ) -> tuple[TrainingResult, pl.Trainer]:
-    """Train `module` for `max_steps` steps, resuming from <stage_dir>/exp when trainer.resume_if_exists and
-    `resume` allow it and the experiment there has the same `fingerprint`; then validate the final weights once
+    """Train `module` for `job.max_steps` steps, resuming from <stage_dir>/exp when trainer.resume_if_exists and
+    `job.resume` allow it and the experiment there has the same fingerprint; then validate the final weights once
     more. Returns the figures and the trainer (for `final_state_dict`)."""
-    if max_steps <= 0:
-        raise InputError(f"stage={stage}: max_steps={max_steps}; set trainer.max_steps (or trainer.pretrain_steps) > 0")
-    stage_dir = Path(stage_dir)
-    prepare_exp_dir(stage_dir / EXP_DIR_NAME, fingerprint, resume and bool(cfg.trainer.resume_if_exists))
-    trainer, throughput = build_trainer(cfg, stage, stage_dir, max_steps, ar_only=not module.objective.has_diffusion)
+    if job.max_steps <= 0:
+        raise InputError(f"stage={job.stage}: max_steps={job.max_steps}; set trainer.max_steps (or "
+                         "trainer.pretrain_steps) > 0")
+    stage_dir = job.stage_dir
+    prepare_exp_dir(stage_dir / EXP_DIR_NAME, job.fingerprint, job.resume and job.trainer.resume_if_exists)
+    trainer, throughput = build_trainer(job, ar_only=not module.objective.has_diffusion)
     resumed_from = trainer.ckpt_path
     started = time.perf_counter()
     # ckpt_path explicitly: it also stops the final `validate` from reloading exp_manager's (since deleted) pick.
@@ -266,25 +281,23 @@ def final_state_dict(trainer: pl.Trainer, model) -> dict | None:
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train(cfg: DictConfig, model, tokenizer, splits, stage: str, stage_dir: Path, max_steps: int,
-          input_dir: Path | str, ar_only: bool = False, resume: bool = True) -> tuple[object, TrainingResult, pl.Trainer]:
+def train(job: TrainingJob, model, tokenizer, splits) -> tuple[object, TrainingResult, pl.Trainer]:
     """Everything between a loaded model and the model to save: freeze the router (objective.freeze_router) and
     the vision tower, LoRA (trainer.lora), the objective, the loaders, `fit`, EMA weights, LoRA merge.
 
     Returns (plain DiffusionGemmaForBlockDiffusion with the final weights, figures, trainer).
     """
-    objective = build_objective(cfg.objective, tokenizer, ar_only=ar_only)
-    if bool(cfg.objective.get("freeze_router", True)):
+    objective = build_objective(job.objective, tokenizer, ar_only=job.ar_only)
+    if job.objective.freeze_router:
         freeze_router(model)
     freeze_vision(model)
-    lora_cfg = cfg.trainer.lora
-    peft_model = apply_lora(model, lora_cfg) if bool(lora_cfg.enabled) else None
-    module = BlockDiffusionModule(model, objective, OptimConfig.from_trainer_cfg(cfg.trainer, max_steps),
-                                  seed=int(cfg.seed))
-    train_loader, val_loader = make_loaders(splits.train, splits.val, cfg.trainer, model.config.canvas_length,
-                                            tokenizer.pad_token_id, seed=int(cfg.seed))
-    fingerprint = training_fingerprint(cfg, stage, input_dir)
-    result, trainer = fit(module, train_loader, val_loader, cfg, stage, stage_dir, max_steps, fingerprint, resume)
+    lora_cfg = job.trainer.lora
+    peft_model = apply_lora(model, lora_cfg) if lora_cfg.enabled else None
+    module = BlockDiffusionModule(model, objective, OptimConfig.from_trainer_cfg(job.trainer, job.max_steps),
+                                  seed=job.seed)
+    train_loader, val_loader = make_loaders(splits.train, splits.val, job.trainer, model.config.canvas_length,
+                                            tokenizer.pad_token_id, seed=job.seed)
+    result, trainer = fit(module, train_loader, val_loader, job)
     ema_state = final_state_dict(trainer, model)
     if ema_state is not None:
         model.load_state_dict(ema_state)

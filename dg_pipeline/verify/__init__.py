@@ -1,7 +1,14 @@
 """The verification gate: scorers, the gate run (`run_gate`), its verify.json record, plots and console tables."""
 
 from dg_pipeline.verify.gate import gate_reference, run_gate
-from dg_pipeline.verify.record import GateThresholds, gate_checks, load_reference
+from dg_pipeline.verify.record import (
+    GateSettings,
+    GateThresholds,
+    gate_checks,
+    gate_record_beside,
+    load_reference,
+    read_gate_record,
+)
 from dg_pipeline.verify.report import (
     gate_table,
     load_stage_records,
@@ -15,7 +22,10 @@ from dg_pipeline.verify.scorers import CompletionScorer, Score, SudokuScorer, ag
 __all__ = [
     "run_gate",
     "gate_reference",
+    "GateSettings",
     "GateThresholds",
+    "gate_record_beside",
+    "read_gate_record",
     "gate_checks",
     "load_reference",
     "gate_table",

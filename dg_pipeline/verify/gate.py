@@ -12,7 +12,8 @@ Measured (all on the same weights, same prompts, same scorer):
 - speedup_vs_ar = diffusion tokens/s / AR tokens/s, both at batch 1 (single-user decode, where block diffusion is
   meant to win); the batch-B ratio is recorded as `speedup_vs_ar_batch`.
 Then the checks (verify.min_accuracy, verify.max_accuracy_drop vs a reference verify.json, verify.min_speedup),
-verify.json (atomic; written before a failure is raised), the console table and the plots.
+verify.json (atomic; written before a failure is raised), the console table and the plots. The gate reads its
+settings from a GateSettings (the verify and sampler groups, the task), never from the whole config.
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import atomic_write_text
+from dg_pipeline.core.progress import progress_bar
 from dg_pipeline.data import left_padded_prompts
 from dg_pipeline.sampling import BlockDiffusionSampler, GenerationResult, SamplerConfig, ar_generate
 from dg_pipeline.verify.plots import plot_step_sweep, plot_trajectory, trajectory_grid
 from dg_pipeline.verify.record import (
-    GateThresholds,
+    GateSettings,
     PairedDrop,
     finalize_record,
     gate_checks,
@@ -121,29 +123,13 @@ def run_pass(
 # ------------------------------------------------------------------------------------------- decoders
 
 
-def resolve_max_new_tokens(cfg, examples: Sequence) -> int:
+def resolve_max_new_tokens(max_new_tokens: int | None, task: str, examples: Sequence) -> int:
     """sampler.max_new_tokens, else the longest reference answer (Sudoku) or DEFAULT_COMPLETION_TOKENS (chat)."""
-    explicit = cfg.sampler.get("max_new_tokens")
-    if explicit is not None:
-        if int(explicit) <= 0:
-            raise InputError(f"sampler.max_new_tokens={explicit}: must be a positive number of tokens (or null)")
-        return int(explicit)
-    if str(cfg.data.kind) == "sudoku":
+    if max_new_tokens is not None:
+        return int(max_new_tokens)
+    if task == "sudoku":
         return max(len(e.response_ids) for e in examples)
     return DEFAULT_COMPLETION_TOKENS
-
-
-def build_sampler_config(model, cfg, tokenizer, **changes: Any) -> SamplerConfig:
-    """The sampler as the gate runs it: the checkpoint's generation_config, the non-null `sampler.*` keys on top,
-    and a <mask> canvas for a model trained with objective=masked (a uniform one otherwise)."""
-    fields = {f.name for f in dataclasses.fields(SamplerConfig)}
-    overrides = {k: v for k, v in dict(cfg.sampler).items() if k in fields and v is not None}
-    objective = cfg.get("objective")
-    if objective is not None and objective.get("name") == "masked":
-        overrides.setdefault("canvas_init", "mask")
-        overrides.setdefault("mask_token_id", tokenizer.mask_token_id)
-    overrides.update(changes)
-    return SamplerConfig.for_model(model, **overrides)
 
 
 def diffusion_decoder(model, sampler_config: SamplerConfig, tokenizer, max_new_tokens: int, seed: int) -> Generate:
@@ -208,7 +194,7 @@ def run_gate(
     model,
     tokenizer,
     examples: Sequence,
-    cfg,
+    settings: GateSettings,
     stage: str,
     input_dir: str | Path,
     out_dir: str | Path,
@@ -228,16 +214,17 @@ def run_gate(
     out_dir = Path(out_dir)
     console = console or Console()
     # Everything that can be wrong with the inputs fails here, before any decoding.
-    scorer = scorer_for(str(cfg.data.kind), tokenizer)
-    thresholds = GateThresholds.from_cfg(cfg, stage)
-    ref = gate_reference(cfg, stage, input_dir, reference, scorer.metric)
-    examples = _eval_examples(examples, cfg)
-    sampler_config = build_sampler_config(model, cfg, tokenizer)
+    scorer = scorer_for(settings.task, tokenizer)
+    thresholds = settings.thresholds
+    ref = gate_reference(settings, stage, input_dir, reference, scorer.metric)
+    examples = first_examples(examples, settings.n_eval)
+    sampler_config = SamplerConfig.for_model(model, settings.sampler, tokenizer)
 
-    decodes = decode_for_gate(model, tokenizer, examples, cfg, sampler_config, scorer, out_dir, console)
+    decodes = decode_for_gate(model, tokenizer, examples, settings, sampler_config, scorer, out_dir, console)
     scores = [scorer.score(s, e) for s, e in zip(decodes.diffusion.sequences, examples)]
     ar_scores = [scorer.score(s, e) for s, e in zip(decodes.ar.sequences, examples)] if decodes.ar else None
-    record = gate_record(stage, input_dir, scorer.metric, examples, scores, ar_scores, decodes, cfg, sampler_config, ref)
+    record = measurements(stage, input_dir, scorer.metric, examples, scores, ar_scores, decodes, settings,
+                          sampler_config, ref)
     record["simulated"] = bool(simulated)
     record.update(extra or {})
     paired = None
@@ -258,18 +245,17 @@ def run_gate(
 
 
 
-def gate_reference(cfg, stage: str, input_dir: str | Path, reference: str | Path | Mapping | None,
+def gate_reference(settings: GateSettings, stage: str, input_dir: str | Path, reference: str | Path | Mapping | None,
                    metric: str | None = None) -> dict | None:
     """The record the accuracy drop is measured against (verify.reference wins over `reference`), or None when
     the gate has no drop allowance. Stages call it before their expensive work, so a missing record fails fast."""
-    metric = metric or scorer_class(str(cfg.data.kind)).metric
-    thresholds = GateThresholds.from_cfg(cfg, stage)
-    ref = load_reference(cfg.verify.get("reference"), reference, metric)
-    if ref is None and thresholds.max_accuracy_drop is not None:
+    metric = metric or scorer_class(settings.task).metric
+    ref = load_reference(settings.verify.reference, reference, metric)
+    if ref is None and settings.max_accuracy_drop is not None:
         # A drop allowance with nothing to compare against would pass on min_accuracy alone: say so instead.
-        allowance_key = {"quantize": "quant", "export": "export"}.get(stage, "verify") + ".max_accuracy_drop"
+        allowance_key = f"{settings.drop_allowance_from}.max_accuracy_drop"
         raise InputError(
-            f"stage={stage}: the gate allows an accuracy drop of {thresholds.max_accuracy_drop} vs its input's gate, "
+            f"stage={stage}: the gate allows an accuracy drop of {settings.max_accuracy_drop} vs its input's gate, "
             f"but {input_dir} has no gate record (no verify.json beside it). Run the input's stage again, or pass "
             f"verify.reference=<a verify.json of that model>; or gate on an absolute floor with "
             f"{allowance_key}=null verify.min_accuracy=<floor>"
@@ -277,31 +263,33 @@ def gate_reference(cfg, stage: str, input_dir: str | Path, reference: str | Path
     return ref
 
 
-def decode_for_gate(model, tokenizer, examples, cfg, sampler_config, scorer, out_dir: Path, console) -> GateDecodes:
+def decode_for_gate(model, tokenizer, examples, settings: GateSettings, sampler_config, scorer, out_dir: Path,
+                    console) -> GateDecodes:
     """All the gate's decoding (diffusion, AR baseline, sweep, the trajectory plot) in eval mode, with progress."""
-    v = cfg.verify
-    batch_size = _positive(v, "batch_size")
-    speed_n = min(len(examples), _positive(v, "speed_examples", 32))
-    max_new = resolve_max_new_tokens(cfg, examples)
-    seed = int(cfg.sampler.get("seed") or 0)
+    v = settings.verify
+    batch_size = v.batch_size
+    speed_n = min(len(examples), v.speed_examples)
+    max_new = resolve_max_new_tokens(settings.sampler.max_new_tokens, settings.task, examples)
+    seed = settings.sampler.seed
     was_training = model.training
     model.eval()
     try:
         diffusion = diffusion_decoder(model, sampler_config, tokenizer, max_new, seed)
-        with _progress(console) as progress:
+        with progress_bar(console, prefix="[bold]verify[/bold] ") as progress:
             main, single = measure(diffusion, examples, batch_size, speed_n, tokenizer, progress, "diffusion")
             ar_main = ar_single = None
-            if v.get("ar_baseline", True):
+            if v.ar_baseline:
                 ar = ar_decoder(model, tokenizer, max_new)
                 ar_main, ar_single = measure(ar, examples, batch_size, speed_n, tokenizer, progress, "AR")
-            sweep = sweep_steps(model, cfg, tokenizer, examples, scorer, max_new, seed, batch_size, progress)
-        plots = write_plots(diffusion, tokenizer, examples[0], sweep, scorer.metric, out_dir) if v.get("plots", True) else {}
+            sweep = sweep_steps(model, settings, tokenizer, examples, scorer, max_new, seed, batch_size, progress)
+        plots = write_plots(diffusion, tokenizer, examples[0], sweep, scorer.metric, out_dir) if v.plots else {}
     finally:
         model.train(was_training)
     return GateDecodes(main, single, ar_main, ar_single, sweep, plots, device_name(model_device(model)))
 
 
-def gate_record(stage, input_dir, metric, examples, scores, ar_scores, d: GateDecodes, cfg, sampler_config, ref) -> dict:
+def measurements(stage, input_dir, metric, examples, scores, ar_scores, d: GateDecodes, settings: GateSettings,
+                 sampler_config, ref) -> dict:
     """verify.json's measurements (checks and `passed` are added by finalize_record)."""
     summary = aggregate(scores)
     ar_summary = aggregate(ar_scores) if ar_scores else {}
@@ -319,7 +307,7 @@ def gate_record(stage, input_dir, metric, examples, scores, ar_scores, d: GateDe
         "ar_tokens_per_second": ar_single.tokens_per_second if ar_single else None,
         "speedup_vs_ar": _ratio(d.diffusion_single.tokens_per_second, ar_single.tokens_per_second if ar_single else None),
         "device": d.device,
-        "batch_size": _positive(cfg.verify, "batch_size"),
+        "batch_size": settings.verify.batch_size,
         **{k: val for k, val in summary.items() if k != "accuracy"},
         **{f"ar_{k}": val for k, val in ar_summary.items() if k != "accuracy"},
         "tokens_per_second_batch": d.diffusion.tokens_per_second,
@@ -329,7 +317,7 @@ def gate_record(stage, input_dir, metric, examples, scores, ar_scores, d: GateDe
         "ar_tokens_per_forward": ar.tokens_per_forward if ar else None,
         "speedup_definition": SPEEDUP_DEFINITION,
         "speed_examples": len(d.diffusion_single.sequences),
-        "max_new_tokens": resolve_max_new_tokens(cfg, examples),
+        "max_new_tokens": resolve_max_new_tokens(settings.sampler.max_new_tokens, settings.task, examples),
         "generated_tokens": {
             "diffusion_batch": d.diffusion.generated_tokens,
             "diffusion_batch1": d.diffusion_single.generated_tokens,
@@ -337,7 +325,7 @@ def gate_record(stage, input_dir, metric, examples, scores, ar_scores, d: GateDe
             "ar_batch1": ar_single.generated_tokens if ar_single else None,
         },
         "sampler": _jsonable(dataclasses.asdict(sampler_config)),
-        "seed": int(cfg.sampler.get("seed") or 0),
+        "seed": settings.sampler.seed,
         "reference": None if ref is None else {"path": ref["path"], "stage": ref.get("stage"), "accuracy": ref["accuracy"]},
         "accuracy_drop": None if ref is None else float(ref["accuracy"]) - summary["accuracy"],
         "sweep": d.sweep,
@@ -351,26 +339,12 @@ def gate_record(stage, input_dir, metric, examples, scores, ar_scores, d: GateDe
     }
 
 
-def _eval_examples(examples: Sequence, cfg) -> list:
-    examples = list(examples)
-    n = cfg.verify.get("n_eval")
-    if n is None:
-        n = cfg.data.get("n_eval")
-    if n is not None:
-        if int(n) <= 0:
-            raise InputError(f"verify.n_eval={n}: must be a positive number of examples (or null = data.n_eval)")
-        examples = examples[: int(n)]
+def first_examples(examples: Sequence, n: int | None) -> list:
+    """The first `n` examples (None = all) the gate scores; none at all is an error naming where they come from."""
+    examples = list(examples)[:n] if n is not None else list(examples)
     if not examples:
         raise InputError("the gate got no eval examples: check data.eval_path (empty file?) or data.n_eval")
     return examples
-
-
-def _positive(v: Mapping, key: str, default: int | None = None) -> int:
-    value = v.get(key)
-    value = default if value is None else value
-    if value is None or int(value) <= 0:
-        raise InputError(f"verify.{key}={value}: must be a positive integer")
-    return int(value)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -379,16 +353,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]verify[/bold] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )
 
 
 def _write_predictions(out_dir: Path, examples, scores: list[Score], ar_scores: list[Score] | None) -> Path:
@@ -406,13 +370,12 @@ def _write_predictions(out_dir: Path, examples, scores: list[Score], ar_scores: 
 # ------------------------------------------------------------------------------------------- sweep and plots
 
 
-def sweep_steps(model, cfg, tokenizer, examples, scorer, max_new, seed, batch_size, progress=None) -> list[dict]:
+def sweep_steps(model, settings: GateSettings, tokenizer, examples, scorer, max_new, seed, batch_size,
+                progress=None) -> list[dict]:
     """Accuracy and tokens/forward for each max_denoising_steps in verify.sweep_steps (empty = no sweep)."""
     points = []
-    for steps in list(cfg.verify.get("sweep_steps") or []):
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-            raise InputError(f"verify.sweep_steps contains {steps!r}: each entry must be a positive step count")
-        sampler_config = build_sampler_config(model, cfg, tokenizer, max_denoising_steps=steps)
+    for steps in settings.verify.sweep_steps:
+        sampler_config = SamplerConfig.for_model(model, settings.sampler, tokenizer, max_denoising_steps=steps)
         decode = diffusion_decoder(model, sampler_config, tokenizer, max_new, seed)
         run = run_pass(decode, examples, batch_size, tokenizer, progress, f"sweep     steps={steps}")
         summary = aggregate([scorer.score(s, e) for s, e in zip(run.sequences, examples)])

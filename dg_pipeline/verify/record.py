@@ -1,4 +1,4 @@
-"""The gate's record (verify.json): thresholds from config, the checks, the reference record, atomic writing.
+"""The gate's record (verify.json): its settings and thresholds, the checks, the reference record, atomic writing.
 
 A check is a named comparison `value <op> threshold`; the gate passes when every check passes. The record is
 written before a failure is raised, so a failed stage still leaves its numbers behind.
@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from dg_pipeline.core.errors import GateFailed, InputError
 from dg_pipeline.core.io import atomic_write_json, read_json
+from dg_pipeline.settings import RunSettings, SamplerSettings, VerifySettings
 
 VERIFY_JSON = "verify.json"
 # Keys every verify.json carries (docs/ARCHITECTURE.md, verify contract); readers may rely on them.
@@ -41,17 +42,22 @@ _EPS = 1e-9
 
 @dataclass(frozen=True)
 class Check:
-    """One gate check: `value op threshold` (op is ">=" or "<=")."""
+    """One gate check: `value op threshold` (op is ">=", "<=", or "is" for a yes/no property)."""
 
     name: str
-    value: float | None
-    threshold: float
+    value: float | bool | None
+    threshold: float | bool
     op: str
     passed: bool
 
     def describe(self) -> str:
         value = "n/a" if self.value is None else f"{self.value:.4g}"
         return f"{self.name}: {value} (needs {self.op} {self.threshold:.4g})"
+
+    def as_record(self) -> dict[str, Any]:
+        """The check as verify.json lists it."""
+        return {"name": self.name, "value": self.value, "threshold": self.threshold, "op": self.op,
+                "passed": self.passed}
 
 
 def at_least(name: str, value: float | None, threshold: float) -> Check:
@@ -64,41 +70,64 @@ def at_most(name: str, value: float | None, threshold: float) -> Check:
     return Check(name, value, float(threshold), "<=", ok)
 
 
+def holds(name: str, ok: bool) -> Check:
+    """A yes/no property (a round trip, a tie) that must hold."""
+    return Check(name, bool(ok), True, "is", bool(ok))
+
+
 @dataclass(frozen=True)
 class GateThresholds:
-    """The gate's thresholds, read from cfg.verify (and cfg.quant for a quantize stage's default drop)."""
+    """The gate's thresholds (the verify group, with the stage's own drop allowance; see GateSettings)."""
 
     min_accuracy: float = 0.0
     max_accuracy_drop: float | None = None
     min_speedup: float = 0.0
     drop_confidence: float = 0.0
 
+
+@dataclass(frozen=True)
+class GateSettings:
+    """What a gate reads of the run's settings: the verify and sampler groups, the task, how many examples."""
+
+    verify: VerifySettings
+    sampler: SamplerSettings
+    task: str  # data.kind: picks the scorer and the answer length
+    n_eval: int | None = None  # examples scored: verify.n_eval, else data.n_eval (None = all given)
+    drop_allowance_from: str = "verify"  # the group whose max_accuracy_drop applies (quant, export: their own)
+    max_accuracy_drop: float | None = None
+
     @classmethod
-    def from_cfg(cls, cfg, stage: str) -> "GateThresholds":
-        v = cfg.verify
-        drop = v.get("max_accuracy_drop")
-        quant = cfg.get("quant")
-        # verify.max_accuracy_drop=null on a quantize stage means the format's own allowance (conf/quant/*.yaml).
-        if drop is None and stage.startswith("quantize") and quant is not None:
-            drop = quant.get("max_accuracy_drop")
-        thresholds = cls(
-            min_accuracy=float(v.get("min_accuracy") or 0.0),
-            max_accuracy_drop=None if drop is None else float(drop),
-            min_speedup=float(v.get("min_speedup") or 0.0),
-            drop_confidence=float(v.get("drop_confidence") or 0.0),
-        )
-        if not 0.0 <= thresholds.drop_confidence < 1.0:
-            raise InputError(f"verify.drop_confidence={thresholds.drop_confidence}: must be in [0, 1) (0 = raw drop)")
-        if not 0.0 <= thresholds.min_accuracy <= 1.0:
-            raise InputError(f"verify.min_accuracy={thresholds.min_accuracy}: must be a fraction in [0, 1]")
-        if thresholds.max_accuracy_drop is not None and thresholds.max_accuracy_drop < 0:
-            raise InputError(f"verify.max_accuracy_drop={thresholds.max_accuracy_drop}: must be >= 0 (or null)")
-        if thresholds.min_speedup > 0 and not v.get("ar_baseline", True):
-            raise InputError(
-                f"verify.min_speedup={thresholds.min_speedup} needs the AR baseline: set verify.ar_baseline=true "
-                "or verify.min_speedup=0"
-            )
-        return thresholds
+    def for_run(cls, run: RunSettings, own_allowance: str | None = None) -> "GateSettings":
+        """The gate of a run. `own_allowance`: the group ("quant", "export") whose max_accuracy_drop applies when
+        verify.max_accuracy_drop is null."""
+        drop, source = run.verify.max_accuracy_drop, "verify"
+        if drop is None and own_allowance is not None:
+            drop, source = getattr(run, own_allowance).max_accuracy_drop, own_allowance
+        n_eval = run.verify.n_eval if run.verify.n_eval is not None else run.data.n_eval
+        return cls(run.verify, run.sampler, run.data.kind, n_eval, source, drop)
+
+    @property
+    def thresholds(self) -> GateThresholds:
+        v = self.verify
+        return GateThresholds(min_accuracy=float(v.min_accuracy), max_accuracy_drop=self.max_accuracy_drop,
+                              min_speedup=float(v.min_speedup), drop_confidence=float(v.drop_confidence))
+
+
+def read_gate_record(path: str | Path) -> dict | None:
+    """The task-gate record at `path` (a verify.json) with its `path`, or None when absent or not a task gate
+    (stage=base checks weights, not a task: no accuracy, no reference)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    if "metric" not in record or "accuracy" not in record:
+        return None
+    return {**record, "path": str(path)}
+
+
+def gate_record_beside(model_dir: str | Path) -> dict | None:
+    """The task-gate record of the stage that wrote `model_dir` (<stage>/model -> <stage>/verify.json), if any."""
+    return read_gate_record(Path(model_dir).parent / VERIFY_JSON)
 
 
 def load_reference(explicit: str | None, passed_in: str | Path | Mapping | None, metric: str) -> dict | None:
@@ -197,9 +226,7 @@ def reference_verdicts(reference: Mapping | None) -> list[bool] | None:
 
 def finalize_record(record: dict[str, Any], checks: list[Check]) -> dict[str, Any]:
     """Adds `checks` and `passed` to a record (in place) and returns it."""
-    record["checks"] = [
-        {"name": c.name, "value": c.value, "threshold": c.threshold, "op": c.op, "passed": c.passed} for c in checks
-    ]
+    record["checks"] = [c.as_record() for c in checks]
     record["passed"] = all(c.passed for c in checks)
     return record
 

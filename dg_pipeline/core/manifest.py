@@ -1,7 +1,8 @@
 """manifest.json: the sha256 and size of every file of an export, written last and verified on every load.
 
 A release bundle is copied around (object stores, model hubs, scp); the manifest makes a truncated, edited or
-swapped file an error naming the file instead of a model that loads and answers wrongly.
+swapped file an error naming the file instead of a model that loads and answers wrongly. Export writes it; every
+loader (model dirs, export bundles) verifies it.
 """
 
 from __future__ import annotations
@@ -11,18 +12,14 @@ from pathlib import Path
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import atomic_write_json, read_json
-from dg_pipeline.export.formats import MANIFEST
 
+MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-_CHUNK = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def bundle_files(export_dir: Path) -> list[str]:
