@@ -31,6 +31,7 @@ from dg_pipeline.core.io import atomic_write_json
 from dg_pipeline.data import build_board_tokenizer, generate_boards, left_padded_prompts, sudoku_examples
 from dg_pipeline.model import build_model, load_model, resolve_dtype
 from dg_pipeline.sampling import BlockDiffusionSampler, GenerationResult, SamplerConfig, ar_generate
+from dg_pipeline.settings import CONF_DIR, ModelSettings, group_settings
 from dg_pipeline.settings.sampler import generation_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,11 +68,11 @@ def load(args, device: torch.device, dtype: torch.dtype):
     if args.model is not None:
         model, tokenizer = load_model(args.model, dtype=dtype, device=str(device))
         return model, tokenizer, args.model.name
-    shape = OmegaConf.load(ROOT / "conf" / "model" / f"{args.init}.yaml")
+    shape = group_settings(ModelSettings, OmegaConf.load(CONF_DIR / "model" / f"{args.init}.yaml"))
     tokenizer = build_board_tokenizer()
-    model = build_model(args.init, tokenizer, int(shape.canvas_length), seed=args.seed, dtype=dtype,
-                        vocab_size=shape.get("vocab_size"))
-    model.generation_config = default_generation_config(tokenizer)
+    model = build_model(args.init, tokenizer, shape.canvas_length, seed=args.seed, dtype=dtype,
+                        vocab_size=shape.vocab_size)
+    model.generation_config = generation_config(tokenizer)
     return model.to(device), tokenizer, args.init
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def compose(*overrides: str):
@@ -16,11 +15,11 @@ def compose(*overrides: str):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    import dg_pipeline  # noqa: F401  (registers the config schema)
+    from dg_pipeline.settings import CONF_DIR  # importing it registers the config schema
 
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
     finally:
         GlobalHydra.instance().clear()

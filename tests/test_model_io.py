@@ -48,7 +48,7 @@ def saved_dir(tiny_model, tokenizer, tmp_path_factory):
 # --- generation config -----------------------------------------------------------------------------------------------
 
 
-def test_default_generation_config_has_the_reference_sampler_settings_and_the_tokenizer_ids(tokenizer):
+def test_a_new_generation_config_has_the_reference_sampler_settings_and_the_tokenizer_ids(tokenizer):
     config = generation_config(tokenizer)
     assert isinstance(config, DiffusionGemmaGenerationConfig)
     assert config.max_denoising_steps == 48

@@ -90,3 +90,9 @@ def test_the_skip_rule_reuses_an_output_only_with_all_the_evidence_its_rule_asks
     assert other.skip == (rule not in (SAME_FINGERPRINT, PASSED_GATE_SAME_FINGERPRINT))
     assert "other settings" in other.reason or other.skip
     assert not decide_reuse(NEVER, out, **evidence).skip
+
+
+def test_the_architecture_doc_opens_with_the_registry_as_it_is():
+    from dg_pipeline.core.registry import registry_markdown
+
+    assert registry_markdown() in (PIPELINE_DIR.parent / "docs" / "ARCHITECTURE.md").read_text()

@@ -76,3 +76,12 @@ def test_group_settings_check_themselves_when_built_directly():
     with pytest.raises(InputError, match=r"calib\.batch_size=0"):
         CalibSettings(batch_size=0)
     assert QuantSettings(fp8_gemm="False").fp8_gemm == "false"  # YAML `false` arrives as a bool
+
+
+def test_the_default_timestamped_run_dir_reads_the_same_in_the_settings_later(compose_cfg):
+    import time
+
+    cfg = compose_cfg()  # run_dir: runs/${now:...}
+    first = str(cfg.run_dir)
+    time.sleep(1.1)
+    assert RunSettings.from_cfg(cfg).run_dir == first

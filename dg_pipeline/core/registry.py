@@ -12,10 +12,10 @@ from pathlib import Path
 
 # Reuse rules: what a stage needs to find before it reuses its output instead of running (force=true always runs).
 NEVER = "never"  # always runs (a read-only check, or an output that is refused when it exists)
-OUTPUT = "output"  # its output exists
-PASSED_GATE = "passed gate"  # its output exists and its gate record says passed
-SAME_FINGERPRINT = "same fingerprint"  # its output exists and was made with the same settings and input (stage=all)
-PASSED_GATE_SAME_FINGERPRINT = "passed gate + same fingerprint"  # both of the above
+OUTPUT = "its output exists"
+PASSED_GATE = "its output passed its gate"
+SAME_FINGERPRINT = "its output was made with the same settings and input"  # stage=all's steps
+PASSED_GATE_SAME_FINGERPRINT = "its output passed its gate and was made with the same settings and input"
 
 
 @dataclass(frozen=True)
@@ -25,8 +25,19 @@ class StageSpec:
     output: str | None  # where it writes, under <run_dir> ({variant}: one dir per quant format)
     fingerprint_keys: tuple[str, ...]  # the config groups it reads: a change in one (or in its input) reruns it
     reuse: str  # the evidence a skip needs (see above)
-    optional: bool = False  # runs only when asked (stage=all plans it on a condition); consumers fall back
     summary: str = ""
+    in_all: bool = True  # stage=all runs it (in table order; a {variant} stage once per quant.formats entry)
+    enabled_by: str | None = None  # optional stage: runs (in stage=all) only when this count is > 0; else its
+    # consumers start from its own provider
+    all_overrides: tuple[str, ...] = ()  # what stage=all adds to this step's command line ({variant} filled in)
+
+    @property
+    def optional(self) -> bool:
+        return self.enabled_by is not None
+
+    @property
+    def per_variant(self) -> bool:
+        return self.output is not None and "{variant}" in self.output
 
     def output_dir(self, run_dir: Path, variant: str | None = None) -> Path | None:
         if self.output is None:
@@ -39,17 +50,19 @@ class StageSpec:
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("base", None, "base/model", ("model", "seed"), PASSED_GATE,
               summary="base weights: model.base (loaded or converted) or model.init (random)"),
-    StageSpec("pretrain", "base", "pretrain/model", ("model", "data", "trainer", "seed"), OUTPUT, optional=True,
-              summary="causal-LM training of the shared weights (trainer.pretrain_steps > 0)"),
+    StageSpec("pretrain", "base", "pretrain/model", ("model", "data", "trainer", "seed"), OUTPUT,
+              summary="causal-LM training of the shared weights", enabled_by="trainer.pretrain_steps"),
     StageSpec("sft", "pretrain", "sft/model",
               ("model", "data", "objective", "trainer", "sampler", "verify", "seed"), OUTPUT,
               summary="block-diffusion fine-tuning, then the gate"),
-    StageSpec("eval", "sft", "eval", (), NEVER, summary="the gate on any model dir"),
+    StageSpec("eval", "sft", "eval", (), NEVER, summary="the gate on any model dir", in_all=False),
     StageSpec("quantize", "sft", "quantize/{variant}", ("quant", "calib", "sampler", "verify", "seed"),
               PASSED_GATE_SAME_FINGERPRINT, summary="ModelOpt calibration per format, then the gate"),
     StageSpec("export", "quantize", "export/{variant}", ("export", "quant", "sampler", "verify"), NEVER,
-              summary="the release bundle: loader rules, reload gate, model card, manifest"),
-    StageSpec("check", "export", None, (), NEVER, summary="the loader rules on exported dirs"),
+              summary="the release bundle: loader rules, reload gate, model card, manifest",
+              # the fingerprint decided to rebuild it, so it may replace the old bundle
+              all_overrides=("export.format=hf", "export.name={variant}", "export.overwrite=true")),
+    StageSpec("check", "export", None, (), NEVER, summary="the loader rules on exported dirs", in_all=False),
 )}
 
 # Pipeline order (gate tables list stages in it).
@@ -93,3 +106,18 @@ def decide_reuse(rule: str, output: Path, *, force: bool = False, gate_record: d
     passed = ", passed its gate" if rule in (PASSED_GATE, PASSED_GATE_SAME_FINGERPRINT) else ""
     same = " with these settings on this input" if rule in (SAME_FINGERPRINT, PASSED_GATE_SAME_FINGERPRINT) else ""
     return Reuse(True, f"{output} exists{passed}{same}")
+
+
+def registry_markdown() -> str:
+    """The registry as the table docs/ARCHITECTURE.md opens with (a test keeps the two equal)."""
+    lines = ["| stage | module | starts from | writes (under run_dir) | reruns when these change | reuses its output "
+             "when | does |", "|---|---|---|---|---|---|---|"]
+    for s in STAGES.values():
+        provider = f"`{s.provider}`" if s.provider else "-"
+        if s.provider and STAGES[s.provider].optional:
+            provider += f", else `{STAGES[s.provider].provider}`"
+        keys = ", ".join(f"`{k}`" for k in s.fingerprint_keys) or "-"
+        name = f"`{s.name}`" + (f" (when `{s.enabled_by}` > 0)" if s.optional else "") + ("" if s.in_all else " *")
+        lines.append(f"| {name} | `stages/{s.name}.py` | {provider} | {f'`{s.output}`' if s.output else '-'} | {keys} "
+                     f"| {s.reuse} | {s.summary} |")
+    return "\n".join(lines) + "\n\n`*`: not part of `stage=all`.\n"

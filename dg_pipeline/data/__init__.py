@@ -1,7 +1,8 @@
 """Data: Sudoku generation and validation, readers for local files, the board tokenizer, examples and the collator.
 
-Stages call `load_splits(settings.data, tokenizer, run_dir, seed)` (or `load_eval_examples` for a gate); training batches with `collate` (or
-`Collator` as a DataLoader collate_fn); the sampler/evaluator takes prompts from `left_padded_prompts`.
+Stages call `load_splits(settings.data, tokenizer, run_dir, seed)` (`load_eval_examples` for a gate alone);
+training batches with `collate` (or `Collator` as a DataLoader collate_fn); the sampler/evaluator takes prompts
+from `left_padded_prompts`.
 """
 
 from dg_pipeline.data.collate import Collator, ExampleDataset, blocks_for, collate, left_padded_prompts

@@ -49,8 +49,8 @@ NAMED_SHAPES: dict[str, TextShape] = {
                          sliding_window=256, layer_types=(S, S, S, F) * 2),
     # Throughput benchmarks (~110M params with a 32k vocabulary).
     "bench100m": TextShape(hidden_size=512, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=8,
-                           num_key_value_heads=2, head_dim=64, num_experts=8, top_k_experts=2, moe_intermediate_size=512,
-                           sliding_window=512),
+                           num_key_value_heads=2, head_dim=64, num_experts=8, top_k_experts=2,
+                           moe_intermediate_size=512, sliding_window=512),
 }
 
 TINY_VISION = dict(

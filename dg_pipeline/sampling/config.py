@@ -16,6 +16,7 @@ import torch
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.settings.sampler import (
+    FLOAT_KEYS,
     SamplerSettings,
     check_sampler_values,
     compile_mode,
@@ -117,7 +118,7 @@ def _checked_overrides(overrides: Mapping[str, Any]) -> dict[str, Any]:
 def _coerced(values: dict[str, Any]) -> dict[str, Any]:
     """YAML/JSON give ints for floats and bools for `compile`; normalise so validation sees one type per key."""
     out = dict(values)
-    for key in ("entropy_bound", "t_min", "t_max", "confidence_threshold", "accept_threshold"):
+    for key in (*FLOAT_KEYS, "accept_threshold"):
         if isinstance(out.get(key), int) and not isinstance(out.get(key), bool):
             out[key] = float(out[key])
     if "compile" in out:

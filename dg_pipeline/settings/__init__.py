@@ -79,7 +79,9 @@ def group_settings(cls: type[T], *nodes) -> T:
     """`cls` built from config nodes (a DictConfig, a loaded conf/<group>/*.yaml, a dict; later ones win), its
     rules checked. A required value left at `???` (e.g. model.base in recipe=chat) reads as None: the component
     that needs it says what to pass."""
-    cfg = OmegaConf.merge(OmegaConf.structured(cls), *nodes)
+    # Resolved in the nodes themselves: a copy would resolve ${now:...} (the default run_dir) again, a second later.
+    values = [OmegaConf.to_container(n, resolve=True) if isinstance(n, DictConfig) else n for n in nodes]
+    cfg = OmegaConf.merge(OmegaConf.structured(cls), *values)
     for key in OmegaConf.missing_keys(cfg):
         OmegaConf.update(cfg, key, None, force_add=True)
     return OmegaConf.to_object(cfg)

@@ -45,4 +45,5 @@ def check_number(key: str, value: Any, low: float | None = None, high: float | N
             bounds.append(f"{'>=' if low_inclusive else '>'} {low}")
         if high is not None:
             bounds.append(f"{'<=' if high_inclusive else '<'} {high}")
-        raise InputError(f"{key}={value!r}: must be a number {' and '.join(bounds)}" + (" (or null)" if optional else ""))
+        null = " (or null)" if optional else ""
+        raise InputError(f"{key}={value!r}: must be a number {' and '.join(bounds)}{null}")

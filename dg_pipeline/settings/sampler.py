@@ -20,7 +20,8 @@ from dg_pipeline.settings.checks import check_choice, check_number, check_positi
 SAMPLER_KEYS = ("max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold", "confidence_threshold")
 # The special-token ids generation_config.json carries next to them (the sampler stops at EOS and pads with PAD).
 TOKEN_ID_KEYS = ("eos_token_id", "pad_token_id", "bos_token_id")
-_FLOAT_KEYS = ("entropy_bound", "t_min", "t_max", "confidence_threshold")
+# The keys transformers validates as floats (a YAML `1` is turned into 1.0 before it sees them).
+FLOAT_KEYS = tuple(k for k in SAMPLER_KEYS if k not in ("max_denoising_steps", "stability_threshold"))
 
 ACCEPTANCE_RULES = ("entropy_bound", "confidence")
 CANVAS_INITS = ("uniform", "mask")
@@ -53,7 +54,8 @@ def check_sampler_values(values: Mapping[str, Any]) -> None:
         if key in v:
             check_choice(f"sampler.{key}", v[key], choices)
     if v.get("compile") == "true" and v.get("kv_cache") == "dynamic":
-        raise InputError("sampler.compile=true needs fixed shapes: set sampler.kv_cache=static (or auto), or compile=false")
+        raise InputError("sampler.compile=true needs fixed shapes: set sampler.kv_cache=static (or auto), or "
+                         "compile=false")
 
 
 def compile_mode(value: Any) -> Any:
@@ -131,7 +133,7 @@ def _generation_kwargs(values: Mapping[str, Any]) -> dict[str, Any]:
     """DiffusionGemmaGenerationConfig keyword arguments from flat non-None values (floats where it wants floats)."""
     from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
 
-    out = {k: (float(v) if k in _FLOAT_KEYS and not isinstance(v, bool) else v) for k, v in values.items() if v is not None}
+    out = {k: float(v) if k in FLOAT_KEYS else v for k, v in values.items() if v is not None}
     if "entropy_bound" in out:
         out["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=out.pop("entropy_bound"))
     return out
@@ -146,7 +148,8 @@ def generation_config(tokenizer, base: Any = None, **overrides: Any):
     unknown = sorted(set(overrides) - set(SAMPLER_KEYS + TOKEN_ID_KEYS))
     if unknown:
         raise InputError(f"generation config: unknown sampler key(s) {unknown}; known: {list(SAMPLER_KEYS)}")
-    config = copy.deepcopy(base) if isinstance(base, DiffusionGemmaGenerationConfig) else DiffusionGemmaGenerationConfig()
+    fresh = not isinstance(base, DiffusionGemmaGenerationConfig)
+    config = DiffusionGemmaGenerationConfig() if fresh else copy.deepcopy(base)
     token_ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
                  "bos_token_id": tokenizer.bos_token_id}
     try:
@@ -161,6 +164,7 @@ __all__ = [
     "ACCEPTANCE_RULES",
     "CANVAS_INITS",
     "COMPILE_MODES",
+    "FLOAT_KEYS",
     "KV_CACHES",
     "SAMPLER_KEYS",
     "TOKEN_ID_KEYS",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List
+from typing import Any, List, Optional
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.settings.checks import check_choice, check_non_negative_int, check_number, check_positive_int
@@ -103,7 +103,7 @@ class LoggerSettings:
 
     mode: str = "offline"
     project: str = "dg_pipeline"
-    entity: Any = None
+    entity: Optional[str] = None
     log_artifacts: bool = True
 
     def __post_init__(self) -> None:

@@ -37,8 +37,8 @@ class VerifySettings:
             raise InputError(f"verify.drop_confidence={self.drop_confidence}: must be in [0, 1) (0 = raw drop)")
         check_number("verify.min_speedup", self.min_speedup, low=0.0)
         if self.min_speedup > 0 and not self.ar_baseline:
-            raise InputError(f"verify.min_speedup={self.min_speedup} needs the AR baseline: set verify.ar_baseline=true "
-                             "or verify.min_speedup=0")
+            raise InputError(f"verify.min_speedup={self.min_speedup} needs the AR baseline: set "
+                             "verify.ar_baseline=true or verify.min_speedup=0")
         for steps in self.sweep_steps:
             if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
                 raise InputError(f"verify.sweep_steps contains {steps!r}: each entry must be a positive step count")

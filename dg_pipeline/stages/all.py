@@ -1,8 +1,8 @@
 """stage=all: the registry's stages in order: base -> [pretrain] -> sft (gate) -> per quant.formats entry:
-quantize (gate) -> export (check + gate).
+quantize (gate) -> export (check + gate) (core.registry says which rows, in which order, with which extra keys).
 
 Each step is what its own command line would run: this run's overrides plus the step's (`stage=quantize
-quant=nvfp4`, ...), composed by Hydra, so a `quant.kv_cache=fp8` on the command line reaches every format while each
+quant=nvfp4 input=<sft/model>`, ...), composed by Hydra, so a `quant.kv_cache=fp8` on the command line reaches every format while each
 format keeps its own conf/quant/<fmt>.yaml. A step is skipped when its output exists and its fingerprint (the config
 groups it reads + its input's fingerprint) is unchanged; `force=true` reruns everything. Fingerprints live in
 <run_dir>/.dg_state/.
@@ -15,17 +15,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dg_pipeline.core.fingerprint import stage_fingerprint
 from dg_pipeline.core.io import atomic_write_json, read_json
-from dg_pipeline.core.registry import SAME_FINGERPRINT, decide_reuse
+from dg_pipeline.core.registry import SAME_FINGERPRINT, STAGES, decide_reuse
 from dg_pipeline.core.rundir import RunDir
 from dg_pipeline.settings import RunSettings, compose
 
 STAGE = "all"
 # Keys each step sets itself; the run's own values for them do not reach the steps.
-STEP_KEYS = ("stage", "run_dir", "input", "force", "quant", "export.format", "export.name", "export.overwrite")
+STEP_KEYS = ("stage", "run_dir", "input", "force", "quant",
+             *(override.split("=")[0] for spec in STAGES.values() for override in spec.all_overrides))
 
 
 @dataclass
@@ -55,29 +56,32 @@ def run_overrides(overrides: Sequence[str] | None = None) -> list[str]:
 
 
 def plan(cfg: DictConfig, overrides: Sequence[str] | None = None) -> list[PlannedStage]:
-    """The steps of stage=all for `cfg` (`overrides`: its command line; None = Hydra's record of it)."""
+    """The steps of stage=all for `cfg` (`overrides`: its command line; None = Hydra's record of it): the registry's
+    stage=all rows in order (an optional one only when its count is > 0), the per-variant rows once per
+    quant.formats entry, each step starting from its upstream step's output."""
     settings = RunSettings.from_cfg(cfg)
     rd = RunDir.from_cfg(cfg)
     common = [*run_overrides(overrides), f"run_dir={rd.root}", "force=true"]
+    rows = [s for s in STAGES.values() if s.in_all and (not s.optional or OmegaConf.select(cfg, s.enabled_by) > 0)]
     steps: list[PlannedStage] = []
 
-    def add(stage: str, upstream: PlannedStage | None, variant: str | None = None, *extra: str) -> PlannedStage:
-        step_overrides = [*common, f"stage={stage}", *extra]
+    def add(spec, upstream: PlannedStage | None, variant: str | None = None, *extra: str) -> PlannedStage:
+        step_overrides = [*common, f"stage={spec.name}", *extra,
+                          *([f"input={upstream.output}"] if upstream else []),
+                          *(o.format(variant=variant) for o in spec.all_overrides)]
         step_cfg = compose(step_overrides)
-        step = PlannedStage(stage, variant, step_overrides, step_cfg, rd.output(stage, variant), upstream)
-        step.fingerprint = stage_fingerprint(step_cfg, stage, upstream.fingerprint if upstream else "")
+        step = PlannedStage(spec.name, variant, step_overrides, step_cfg, rd.output(spec.name, variant), upstream)
+        step.fingerprint = stage_fingerprint(step_cfg, spec.name, upstream.fingerprint if upstream else "")
         steps.append(step)
         return step
 
-    previous = add("base", None)
-    if settings.trainer.pretrain_steps > 0:
-        previous = add("pretrain", previous)
-    sft = add("sft", previous)
+    upstream = None
+    for spec in (s for s in rows if not s.per_variant):
+        upstream = add(spec, upstream)
     for fmt in settings.quant.formats:
-        name = settings.calib.output_name(fmt)
-        quantize = add("quantize", sft, name, f"quant={fmt}")
-        add("export", quantize, name, f"quant={fmt}", f"input={quantize.output}", "export.format=hf",
-            f"export.name={name}", "export.overwrite=true")  # the fingerprint decided to rebuild it
+        variant, previous = settings.calib.output_name(fmt), upstream
+        for spec in (s for s in rows if s.per_variant):
+            previous = add(spec, previous, variant, f"quant={fmt}")
     return steps
 
 

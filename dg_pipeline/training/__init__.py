@@ -3,7 +3,15 @@ LoRA shared by the encoder and decoder, and `train(...)`, the one call a trainin
 
 from dg_pipeline.training.lora import apply_lora, merge_lora
 from dg_pipeline.training.module import BlockDiffusionModule, OptimConfig, freeze_router
-from dg_pipeline.training.trainer import RESUME_KEYS, TrainingJob, TrainingResult, build_trainer, fit, make_loaders, train
+from dg_pipeline.training.trainer import (
+    RESUME_KEYS,
+    TrainingJob,
+    TrainingResult,
+    build_trainer,
+    fit,
+    make_loaders,
+    train,
+)
 
 __all__ = [
     "BlockDiffusionModule",
