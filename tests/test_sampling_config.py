@@ -82,3 +82,17 @@ def test_compile_and_static_cache_default_on_for_cuda_only():
     assert config.use_compile(torch.device("cuda")) and config.use_static_cache(torch.device("cuda"))
     yaml_false = SamplerConfig.from_generation_config(None, compile=False)  # YAML `false` arrives as a bool
     assert yaml_false.compile == "false" and not yaml_false.use_compile(torch.device("cuda"))
+
+
+def test_the_one_sampler_key_list_is_what_the_sampler_and_the_sampler_group_take():
+    import dataclasses
+
+    from dg_pipeline.settings import SamplerSettings
+    from dg_pipeline.settings.sampler import SAMPLER_KEYS, read_sampler_settings, reference_defaults
+
+    assert set(SAMPLER_KEYS) <= {f.name for f in dataclasses.fields(SamplerConfig)}
+    assert set(SAMPLER_KEYS) <= {f.name for f in dataclasses.fields(SamplerSettings)}
+    # the defaults are transformers' own, read through the same list
+    reference = DiffusionGemmaGenerationConfig._get_default_generation_params()
+    assert reference_defaults() == read_sampler_settings(reference, SAMPLER_KEYS)
+    assert all(value is not None for value in reference_defaults().values())

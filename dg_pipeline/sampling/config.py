@@ -17,6 +17,7 @@ import torch
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.settings.sampler import (
     FLOAT_KEYS,
+    SAMPLER_KEYS,
     SamplerSettings,
     check_sampler_values,
     compile_mode,
@@ -65,8 +66,8 @@ class SamplerConfig:
     @classmethod
     def from_generation_config(cls, gen_cfg: Any | None, **overrides: Any) -> "SamplerConfig":
         """Defaults from a checkpoint's generation config (object or dict); overrides of None keep its values."""
-        values = {k: v for k, v in read_sampler_settings(gen_cfg).items() if v is not None}
-        values.pop("bos_token_id", None)
+        keys = (*SAMPLER_KEYS, "eos_token_id", "pad_token_id")
+        values = {k: v for k, v in read_sampler_settings(gen_cfg, keys).items() if v is not None}
         if "eos_token_id" in values:
             values["eos_token_ids"] = values.pop("eos_token_id")
         values.update(_checked_overrides(overrides))
