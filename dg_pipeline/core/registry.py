@@ -27,8 +27,8 @@ class StageSpec:
     reuse: str  # the evidence a skip needs (see above)
     summary: str = ""
     in_all: bool = True  # stage=all runs it (in table order; a {variant} stage once per quant.formats entry)
-    enabled_by: str | None = None  # optional stage: runs (in stage=all) only when this count is > 0; else its
-    # consumers start from its own provider
+    # An optional stage: stage=all runs it only when this count is > 0; its consumers fall back to its provider.
+    enabled_by: str | None = None
     all_overrides: tuple[str, ...] = ()  # what stage=all adds to this step's command line ({variant} filled in)
 
     @property
