@@ -1,6 +1,6 @@
 """Objectives: corruption (uniform, mask), the decoder's training attention masks, and the losses.
 
-`build_objective(cfg.objective, tokenizer)` -> an object with `loss(model, batch, generator) -> LossOutput`.
+`build_objective(objective_settings, tokenizer)` -> an object with `loss(model, batch, generator) -> LossOutput`.
 """
 
 from dg_pipeline.objective.losses import (

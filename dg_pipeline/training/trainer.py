@@ -118,7 +118,7 @@ def make_loaders(train_examples: Sequence, val_examples: Sequence, trainer_cfg, 
 
 
 def resolve_accelerator(trainer_cfg, device: str | None) -> str:
-    """cfg.device (cpu | cuda | auto) wins over trainer.accelerator when it names a device."""
+    """`device` (cpu | cuda | auto) wins over trainer.accelerator when it names a device."""
     if device == "cpu":
         return "cpu"
     if device and str(device).startswith("cuda"):

@@ -127,14 +127,14 @@ SCORERS = {"sudoku": SudokuScorer, "chat": CompletionScorer}
 
 
 def scorer_class(kind: str) -> type[Scorer]:
-    """The scorer class of a data kind (cfg.data.kind); its `metric` is known before a tokenizer is."""
+    """The scorer class of a data kind (data.kind); its `metric` is known before a tokenizer is."""
     if kind not in SCORERS:
         raise InputError(f"data.kind={kind}: no scorer for it; choose one of {sorted(SCORERS)}")
     return SCORERS[kind]
 
 
 def scorer_for(kind: str, tokenizer) -> Scorer:
-    """The scorer of a data kind (cfg.data.kind)."""
+    """The scorer of a data kind (data.kind)."""
     return scorer_class(kind)(tokenizer)
 
 
