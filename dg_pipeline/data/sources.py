@@ -7,6 +7,11 @@
   split off the training file (val always is), a missing training file is generated without the eval puzzles.
 - kind=chat: data.train_path (required) and data.eval_path (optional, else split off the training file).
 Val and eval never share a prompt (Sudoku: a puzzle) with train: duplicates are dropped from train.
+
+kind=sudoku also builds `Splits.independent`: data.independent.n_eval boards of the independent generator
+(`independent.py`, a different procedure and RNG stream), evaluated next to `eval` (`Splits.gate_examples`) and
+never trained on. The training side gets only the set of its puzzles, to avoid them (`avoid=`); every gate example
+carries meta["eval_source"] (`pipeline` / `file` / `independent`), so the gate reports each source apart.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -26,7 +31,8 @@ from transformers import PreTrainedTokenizerBase
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import atomic_write_json, read_json
 from dg_pipeline.core.rundir import RunDir
-from dg_pipeline.data.examples import BoardCodec, Example, chat_examples, sudoku_example
+from dg_pipeline.data.examples import BoardCodec, Example, chat_examples, sudoku_example, sudoku_examples
+from dg_pipeline.data.independent import INDEPENDENT_VERSION, SOURCE_NAME, independent_boards
 from dg_pipeline.data.readers import ChatRecord, read_boards, read_boards_jsonl, read_chat_jsonl, write_boards_jsonl
 from dg_pipeline.data.sudoku import (
     GENERATOR_VERSION,
@@ -45,11 +51,21 @@ PARAMS_FILE = "params.json"
 T = TypeVar("T")
 
 
+# meta["eval_source"] of the eval split: boards of the training generator's stream, or rows of a file.
+PIPELINE_SOURCE, FILE_SOURCE = "pipeline", "file"
+
+
 @dataclass
 class Splits:
     train: list[Example]
     val: list[Example]
     eval: list[Example]
+    # Held-out boards of the independent generator (kind=sudoku): evaluated, never trained on.
+    independent: list[Example] = field(default_factory=list)
+
+    def gate_examples(self) -> list[Example]:
+        """What a gate scores: the eval split, then the independent set."""
+        return [*self.eval, *self.independent]
 
 
 def load_splits(
@@ -86,17 +102,70 @@ def _sudoku_splits(cfg: Any, tokenizer: PreTrainedTokenizerBase, data_dir: Path,
         eval_boards, val_boards, train_boards = split_disjoint(
             train_boards, n_eval or 0, n_val, n_train, seed, _puzzle, held_out=eval_boards
         )
+        independent = independent_set(cfg, size, len(eval_boards))
+        avoid = {b.puzzle for b in independent}
+        val_boards, train_boards = _avoiding(val_boards, avoid), _avoiding(train_boards, avoid)
     else:
         if size is None:
             raise InputError("data.size is required to generate Sudoku boards (fix: data.size=4 or data.size=9)")
         geometry(size)  # names data.size when it is not 4 or 9
         _check_prompt_length(cfg, codec, size)
+        independent = independent_set(cfg, size, len(eval_boards) if eval_boards is not None else n_eval or 0)
         eval_boards, val_boards, train_boards = _generated_splits(
-            cfg, size, n_train, n_val, n_eval or 0, eval_boards, data_dir, seed
+            cfg, size, n_train, n_val, n_eval or 0, eval_boards, data_dir, seed, avoid=[b.puzzle for b in independent]
         )
-    splits = Splits(*([sudoku_example(b, codec) for b in boards] for boards in (train_boards, val_boards, eval_boards)))
+    eval_source = FILE_SOURCE if train_path or eval_path else PIPELINE_SOURCE
+    splits = Splits(
+        [sudoku_example(b, codec) for b in train_boards],
+        [sudoku_example(b, codec) for b in val_boards],
+        [sudoku_example(b, codec, eval_source=eval_source) for b in eval_boards],
+        [sudoku_example(b, codec, eval_source=SOURCE_NAME) for b in independent],
+    )
     _check_not_empty(splits, train_path or "the generated data")
     return splits
+
+
+def independent_settings(cfg: Any, eval_size: int) -> dict[str, Any]:
+    """data.independent.* with its nulls resolved: n_eval -> `eval_size` (as many boards as the eval split), the
+    clue range -> data.min_clues..data.max_clues."""
+    section = _key(cfg, "independent") or {}
+    get = (lambda k: _key(section, k)) if section else (lambda k: None)
+    n = get("n_eval")
+    n = eval_size if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise InputError(f"data.independent.n_eval={n!r}: must be a non-negative number of boards (or null)")
+    seed = get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"data.independent.seed={seed!r}: must be an integer (the held-out set's own seed)")
+    return {
+        "version": INDEPENDENT_VERSION,
+        "n_eval": n,
+        "seed": seed,
+        "min_clues": get("min_clues") if get("min_clues") is not None else _key(cfg, "min_clues"),
+        "max_clues": get("max_clues") if get("max_clues") is not None else _key(cfg, "max_clues"),
+    }
+
+
+def independent_set(cfg: Any, size: int | None, eval_size: int) -> list[Board]:
+    """The independent generator's held-out boards for data.independent (none when n_eval is 0 or there is
+    no board size); `eval_size`: the eval split's size (n_eval null = as many)."""
+    if size is None or not _key(cfg, "independent"):
+        return []
+    s = independent_settings(cfg, eval_size)
+    if not s["n_eval"]:
+        return []
+    return independent_boards(size, s["n_eval"], s["min_clues"], s["max_clues"], s["seed"])
+
+
+def independent_examples(
+    cfg: Any, tokenizer: PreTrainedTokenizerBase, size: int | None, eval_size: int
+) -> list[Example]:
+    """independent_set as gate Examples (meta eval_source = "independent")."""
+    return sudoku_examples(independent_set(cfg, size, eval_size), tokenizer, SOURCE_NAME)
+
+
+def _avoiding(boards: list[Board], puzzles: set[str]) -> list[Board]:
+    return [b for b in boards if b.puzzle not in puzzles] if puzzles else boards
 
 
 def _rows_needed(n_train: int | None, n_val: int, n_eval: int | None, eval_path: Any) -> int | None:
@@ -117,10 +186,12 @@ def _generated_splits(
     eval_boards: list[Board] | None,
     data_dir: Path,
     seed: int,
+    avoid: Sequence[str] = (),
 ) -> tuple[list[Board], list[Board], list[Board]]:
     """(eval, val, train) boards generated into data_dir, or reused from it when the parameters match.
 
-    With `eval_boards` (from data.eval_path) only val and train are generated, avoiding those puzzles."""
+    With `eval_boards` (from data.eval_path) only val and train are generated, avoiding those puzzles. `avoid`:
+    puzzles no generated board may be (the independent held-out set's); only these strings reach this code."""
     if n_train is None:
         raise InputError("data.n_train is required to generate Sudoku boards (fix: e.g. data.n_train=20000)")
     min_clues, max_clues, workers = _key(cfg, "min_clues"), _key(cfg, "max_clues"), _key(cfg, "workers", 1)
@@ -137,6 +208,7 @@ def _generated_splits(
         "n_eval": None if held_out is not None else n_eval,
         # Generated boards avoid the puzzles of data.eval_path; a different eval file means different boards.
         "held_out_sha256": _digest(held_out) if held_out is not None else None,
+        "avoid_sha256": _digest(list(avoid)) if avoid else None,
     }
     names = ["val", "train"] if held_out is not None else ["eval", "val", "train"]
     counts = {"eval": n_eval, "val": n_val, "train": n_train}
@@ -153,7 +225,7 @@ def _generated_splits(
         (data_dir / PARAMS_FILE).unlink(missing_ok=True)
         boards = generate_boards(
             size, sum(counts[n] for n in names), min_clues, max_clues, seed,
-            workers=workers, exclude=held_out or (), progress=True,
+            workers=workers, exclude=[*(held_out or ()), *avoid], progress=True,
         )
         loaded, start = {}, 0
         for name in names:

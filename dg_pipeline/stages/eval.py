@@ -5,7 +5,8 @@
 - model: `input=`, else <run_dir>/sft/model;
 - examples: data.eval_path (Kaggle CSV / board JSONL for data.kind=sudoku, prompt/completion or messages JSONL
   for data.kind=chat; the first verify.n_eval / data.n_eval rows), else the run's eval split (load_splits:
-  generated boards under <run_dir>/data/, reused when they exist);
+  generated boards under <run_dir>/data/, reused when they exist); for Sudoku, then the independent held-out
+  boards (data.independent);
 - reference: the verify.json next to the model dir (e.g. <run_dir>/sft/verify.json) when there is one, so
   verify.max_accuracy_drop can hold an evaluation to its training-time gate; verify.reference overrides it.
 A failed check raises GateFailed after verify.json is written (the entry point exits 1).
@@ -20,6 +21,8 @@ from rich.console import Console
 
 from dg_pipeline.core import RunDir, read_json
 from dg_pipeline.data import chat_examples, load_splits, read_boards, read_chat_jsonl, sudoku_examples
+from dg_pipeline.data.sources import FILE_SOURCE, independent_examples
+from dg_pipeline.data.sudoku import size_for_length
 from dg_pipeline.model.io import load_model
 from dg_pipeline.stages.base import resolve_device
 from dg_pipeline.verify import run_gate
@@ -40,14 +43,17 @@ def run(cfg: DictConfig) -> dict:
 
 
 def eval_examples(cfg: DictConfig, tokenizer, rd: RunDir) -> list:
-    """data.eval_path read directly (no training data is touched), else the run's eval split."""
+    """data.eval_path read directly (no training data is touched), else the run's eval split; Sudoku adds the
+    independent held-out boards."""
     data = cfg.data
     path = data.get("eval_path")
     limit = cfg.verify.get("n_eval") or data.get("n_eval")
     if not path:
-        return load_splits(data, tokenizer, rd, int(cfg.seed)).eval
+        return load_splits(data, tokenizer, rd, int(cfg.seed)).gate_examples()
     if str(data.kind) == "sudoku":
-        return sudoku_examples(read_boards(path, data.get("size"), limit=limit), tokenizer)
+        boards = read_boards(path, data.get("size"), limit=limit)
+        size = data.get("size") or (size_for_length(len(boards[0].puzzle)) if boards else None)
+        return sudoku_examples(boards, tokenizer, FILE_SOURCE) + independent_examples(data, tokenizer, size, len(boards))
     records = read_chat_jsonl(path, limit=limit)
     return chat_examples(records, tokenizer, data.get("max_prompt_length"), bool(data.get("chat_template", True)))
 
