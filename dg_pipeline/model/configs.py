@@ -39,6 +39,8 @@ NAMED_SHAPES: dict[str, TextShape] = {
     "tiny": TextShape(64, 128, 2, 2, 1, 32, 4, 2, 32, sliding_window=8, layer_types=(S, F)),
     # The default recipe's model: CPU-sized (~1.5M params), trains on 4x4 Sudoku in a few CPU minutes.
     "sudoku4": TextShape(128, 256, 4, 4, 2, 32, 4, 2, 128, sliding_window=64, layer_types=(S, S, S, F)),
+    # 9x9 Sudoku on 2 CPU cores (bench.sudoku9_cpu): the sudoku4 width, every layer seeing the whole 83-token prompt.
+    "sudoku9_cpu": TextShape(128, 256, 4, 4, 2, 32, 4, 2, 128, sliding_window=256, layer_types=(S, S, S, F)),
     # A GPU-host model for 9x9 Sudoku (~20M params).
     "sudoku9": TextShape(320, 768, 8, 4, 2, 64, 8, 2, 256, sliding_window=256, layer_types=(S, S, S, F) * 2),
     # Throughput benchmarks (~110M params with a 32k vocabulary).
