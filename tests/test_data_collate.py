@@ -35,6 +35,15 @@ def test_each_response_is_padded_to_whole_canvas_blocks_then_the_batch_to_its_lo
     assert batch["num_blocks"].tolist() == [2, 1]
 
 
+def test_with_an_eos_fill_the_block_after_eos_is_eos_and_only_the_batch_padding_stays_pad():
+    batch = collate([LONG_RESPONSE, EXACT_BLOCK], CANVAS, PAD, fill_id=EOS)
+    assert batch["input_ids"].tolist() == [
+        [2, 10, 5, 11, 12, 13, 14, 15, EOS, EOS, EOS],  # the 2 fill positions of the last block
+        [2, 7, 8, 9, 5, 6, 7, 8, EOS, PAD, PAD],  # past the row's blocks: batch padding, masked out
+    ]
+    assert Collator(CANVAS, PAD, fill_id=EOS)([LONG_RESPONSE])["input_ids"].tolist() == [[2, 10, 5, 11, 12, 13, 14, 15, EOS, EOS, EOS]]
+
+
 def test_the_attention_mask_covers_the_prompt_and_every_response_block_including_its_fill():
     mask = collate([LONG_RESPONSE, EXACT_BLOCK], CANVAS, PAD)["attention_mask"]
     assert mask.dtype == torch.bool

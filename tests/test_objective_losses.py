@@ -16,9 +16,11 @@ from dg_pipeline.data.examples import Example
 from dg_pipeline.data.tokenizer import build_board_tokenizer
 from dg_pipeline.model import build_config
 from dg_pipeline.model.logits import encoder_causal_lm_logits
-from dg_pipeline.objective import EncoderARObjective, MaskedObjective, UniformObjective, build_objective
+from dg_pipeline.settings import ObjectiveSettings, group_settings
+from dg_pipeline.objective import EncoderARObjective, MaskedObjective, UniformObjective, build_objective, fill_token_id
 from dg_pipeline.objective.losses import (
     NoisedBlock,
+    ar_prediction_positions,
     denoise_block,
     encode_clean_sequence,
     self_conditioned_denoise,
@@ -144,6 +146,48 @@ def test_encoder_ar_loss_equals_an_independent_causal_lm_loss_on_the_response(ti
     assert out.ar_tokens == 12 + 3
     assert torch.allclose(out.ar_loss, reference, atol=1e-5)
     assert torch.allclose(out.loss, out.ar_loss) and out.diffusion_loss == 0
+
+
+def test_ar_loss_scope_response_labels_the_response_through_eos_and_sequence_the_whole_clean_row(tiny, batch):
+    # Row 0: prompt 5 + 12 response tokens (2 blocks, 4 fill); row 1: prompt 8 + 3 response tokens (1 block, 5 fill).
+    response, _ = ar_prediction_positions(batch, "response")
+    sequence, targets = ar_prediction_positions(batch, "sequence")
+    # position i predicts token i+1: response = the positions before each response token (prompt end .. before EOS)
+    assert response[0].nonzero().flatten().tolist() == list(range(4, 4 + 12))
+    assert response[1].nonzero().flatten().tolist() == list(range(7, 7 + 3))
+    # sequence = every position whose next token is inside the row: prompt, response and fill (row length - 1)
+    assert sequence[0].nonzero().flatten().tolist() == list(range(0, 5 + 16 - 1))
+    assert sequence[1].nonzero().flatten().tolist() == list(range(0, 8 + 8 - 1))
+    assert torch.equal(targets[:, :-1], batch["input_ids"][:, 1:])
+    model, _ = tiny
+    generator = torch.Generator().manual_seed(0)
+    assert UniformObjective(ar_loss_scope="sequence").loss(model, batch, generator).ar_tokens == 20 + 15
+    assert EncoderARObjective(ar_loss_scope="sequence").loss(model, batch, generator).ar_tokens == 20 + 15
+
+
+def test_ar_loss_scope_sequence_equals_an_independent_causal_lm_loss_on_every_real_token(tiny, batch):
+    model, _ = tiny
+    out = EncoderARObjective(ar_loss_scope="sequence").loss(model, batch, torch.Generator().manual_seed(0))
+    labels = batch["input_ids"].masked_fill(~batch["attention_mask"], -100)
+    with torch.no_grad():
+        logits = encoder_causal_lm_logits(model, batch["input_ids"], batch["attention_mask"])
+    assert torch.allclose(out.ar_loss, ForCausalLMLoss(logits, labels, vocab_size=logits.shape[-1]), atol=1e-5)
+
+
+def test_the_fill_token_switch_picks_pad_or_eos_and_names_a_bad_value():
+    tok = build_board_tokenizer()
+    group = OmegaConf.load(CONF / "objective" / "uniform.yaml")
+
+    def objective(**changes) -> ObjectiveSettings:
+        return group_settings(ObjectiveSettings, group, changes)
+
+    assert fill_token_id(objective(), tok) == tok.pad_token_id  # the default
+    assert fill_token_id(objective(fill_token="eos"), tok) == tok.eos_token_id
+    with pytest.raises(InputError, match="objective.fill_token=mask: choose one of pad, eos"):
+        objective(fill_token="mask")
+    with pytest.raises(InputError, match="objective.ar_loss_scope=prompt: choose one of response, sequence"):
+        objective(ar_loss_scope="prompt")
+    assert build_objective(objective(ar_loss_scope="sequence"), tok).ar_loss_scope == "sequence"
 
 
 def test_total_loss_is_diffusion_plus_weighted_ar(tiny, batch):

@@ -32,7 +32,9 @@ def test_eval_scores_the_given_model_on_data_eval_path(compose_cfg, tmp_path, mo
     on_disk = json.loads((tmp_path / "eval" / "verify.json").read_text())
     assert on_disk["passed"] is True and record["passed"] is True
     assert on_disk["stage"] == "eval" and on_disk["input"] == str(model_dir)
-    assert on_disk["n_eval"] == 3 and on_disk["metric"] == "solved"
+    assert on_disk["metric"] == "solved"
+    # The file's boards, then as many of the independent held-out boards, each source reported apart.
+    assert on_disk["n_eval"] == 6 and {s: c["n"] for s, c in on_disk["by_source"].items()} == {"file": 3, "independent": 3}
     assert on_disk["reference"] is None  # the model dir has no gate record next to it
     assert (tmp_path / "eval" / "trajectory.png").exists()
     assert not (tmp_path / "data").exists()  # an eval file needs no generated training data

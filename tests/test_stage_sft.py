@@ -76,3 +76,20 @@ def test_pretrain_then_lora_sft_write_plain_models_figures_and_gates_and_skip_wh
 
     again = run_stage(cfg)
     assert again.get("skipped") is True
+
+
+def test_sft_writes_the_step_budget_chosen_from_the_val_curve_into_generation_config(run_dir, compose_cfg):
+    # sampler.max_denoising_steps unset (null): the choice runs; a loss allowance of 1.0 accepts the first budget.
+    small = [o for o in SMALL if not o.startswith("sampler.max_denoising_steps")]
+    cfg = compose_cfg("stage=sft", f"run_dir={run_dir}", *small, "verify.sweep_steps=[2,3]",
+                      "verify.choose_steps_max_loss=1.0")
+    record = run_stage(cfg)
+    choice = record["step_choice"]
+    assert choice["max_denoising_steps"] == 2 and choice["split"] == "val" and choice["n"] == 8
+    assert choice["reference"]["max_denoising_steps"] == 48  # the base model's (the DiffusionGemma default)
+    assert read_json(run_dir / "sft" / "model" / "generation_config.json")["max_denoising_steps"] == 2
+    assert record["sampler"]["max_denoising_steps"] == 2  # the gate ran the written settings
+
+    # An explicit sampler.max_denoising_steps is the user's choice: nothing is chosen.
+    again = run_stage(compose_cfg("stage=sft", f"run_dir={run_dir}", *SMALL, "force=true"))
+    assert again["step_choice"] is None

@@ -109,3 +109,70 @@ def test_prompt_completion_data_is_scored_by_exact_match_and_token_accuracy(tiny
     assert record["metric"] == "exact_match" and record["max_new_tokens"] == 6
     assert 0.0 <= record["token_accuracy"] <= 1.0 and 0.0 <= record["ar_token_accuracy"] <= 1.0
     assert "cell_accuracy" not in record
+
+
+# ---------------------------------------------------------------- per-source / per-clue report, the step curve
+
+
+def two_source_examples(tokenizer):
+    from dg_pipeline.data.independent import independent_boards
+
+    pipeline = sudoku_examples(generate_boards(4, 5, 4, 10, seed=0), tokenizer, eval_source="pipeline")
+    independent = sudoku_examples(independent_boards(4, 7, 4, 10, seed=0), tokenizer, eval_source="independent")
+    return pipeline + independent
+
+
+def test_the_record_splits_accuracy_by_source_and_clue_count_and_agrees_with_the_predictions(tiny, gate_settings, tmp_path):
+    model, tokenizer, _ = tiny
+    examples = two_source_examples(tokenizer)
+    cfg = gate_settings(*FAST, "verify.n_eval=null", "verify.plots=false", "verify.sweep_steps=[]")
+    record = run_gate(model, tokenizer, examples, cfg, "eval", "/m", tmp_path)
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+
+    assert record["n_eval"] == 12 and {s: c["n"] for s, c in record["by_source"].items()} == {"pipeline": 5, "independent": 7}
+    for source, rows in (("pipeline", predictions[:5]), ("independent", predictions[5:])):
+        cell = record["by_source"][source]
+        assert cell["accuracy"] == sum(r["correct"] for r in rows) / len(rows)
+        assert cell["ar_accuracy"] == sum(r["ar_correct"] for r in rows) / len(rows)
+    by_clues = record["by_stratum"]["clues"]
+    assert list(by_clues["independent"]) == [str(k) for k in range(4, 11)]  # one board per clue count
+    assert all(c["n"] == 1 for c in by_clues["independent"].values())
+    assert sum(c["n"] for c in by_clues["pipeline"].values()) == 5
+    clue_counts = [sum(ch != "0" for ch in e.meta["puzzle"]) for e in examples[:5]]
+    assert sorted(int(k) for k in by_clues["pipeline"]) == sorted(set(clue_counts))
+
+
+def test_verify_n_eval_takes_the_first_examples_of_each_source(tiny, gate_settings, tmp_path):
+    model, tokenizer, _ = tiny
+    cfg = gate_settings(*FAST, "verify.n_eval=2", "verify.plots=false", "verify.sweep_steps=[]", "verify.ar_baseline=false")
+    record = run_gate(model, tokenizer, two_source_examples(tokenizer), cfg, "eval", "/m", tmp_path)
+    assert {s: c["n"] for s, c in record["by_source"].items()} == {"pipeline": 2, "independent": 2}
+
+
+def test_the_sweep_runs_exactly_k_steps_next_to_the_adaptive_stop_of_the_sampler_settings(tiny, gate_settings, tmp_path):
+    model, tokenizer, _ = tiny
+    # An always-confident stop rule with no stability wait: the sampler's own settings stop after one step.
+    cfg = gate_settings(*FAST, "verify.n_eval=null", "verify.sweep_steps=[2,3]", "verify.sweep_examples=3",
+                      "sampler.stability_threshold=0", "sampler.confidence_threshold=100", "verify.ar_baseline=false")
+    record = run_gate(model, tokenizer, two_source_examples(tokenizer), cfg, "eval", "/m", tmp_path)
+    assert record["mean_denoising_steps"] == 1.0
+    assert [(p["max_denoising_steps"], p["mean_denoising_steps"], p["mode"]) for p in record["sweep"]] == [
+        (2, 2.0, "fixed"), (3, 3.0, "fixed")]
+    assert all(p["n"] == 6 and set(p["by_source"]) == {"pipeline", "independent"} for p in record["sweep"])
+    adaptive = record["sweep_adaptive"]
+    assert adaptive["mode"] == "adaptive" and adaptive["max_denoising_steps"] == 3 and adaptive["n"] == 6
+    assert adaptive["mean_denoising_steps"] == 1.0
+    assert (tmp_path / "sweep_steps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_step_choice_takes_the_fewest_steps_within_the_allowed_loss(tiny, gate_settings):
+    from dg_pipeline.verify.step_choice import choose_denoising_steps
+
+    model, tokenizer, examples = tiny
+    cfg = gate_settings(*FAST, "verify.sweep_steps=[1,2]", "verify.choose_steps_max_loss=1.0")
+    choice = choose_denoising_steps(model, tokenizer, examples, cfg)
+    # Any accuracy is within a loss of 1.0: the first budget tried wins, and the curve stops there.
+    assert choice.max_denoising_steps == 1 and [p["max_denoising_steps"] for p in choice.curve] == [1]
+    assert choice.reference["max_denoising_steps"] == 3 and choice.n == len(examples)
+    with pytest.raises(InputError, match=r"verify\.choose_steps_max_loss=2"):
+        gate_settings(*FAST, "verify.choose_steps_max_loss=2")

@@ -1,7 +1,8 @@
 """Batches of Examples as tensors (docs/ARCHITECTURE.md, data contract).
 
-Training layout (`collate`, right padding): each row is prompt + response, the response padded with <pad> to a
-whole number of canvas blocks (block k of row b covers [prompt_len_b + k*C, prompt_len_b + (k+1)*C)), then the
+Training layout (`collate`, right padding): each row is prompt + response, the response filled with `fill_id`
+(<pad> by default; EOS as NeMo AutoModel's DiffusionGemma recipe does, objective.fill_token) to a whole number of
+canvas blocks (block k of row b covers [prompt_len_b + k*C, prompt_len_b + (k+1)*C)), then the
 batch right-padded to its longest row. Generation layout (`left_padded_prompts`): prompts only, left-padded so
 every row's next token sits at the same position.
 """
@@ -23,8 +24,12 @@ def blocks_for(response_length: int, canvas_length: int) -> int:
     return math.ceil(response_length / canvas_length)
 
 
-def collate(examples: Sequence[Example], canvas_length: int, pad_id: int) -> dict[str, torch.Tensor]:
-    """input_ids (B,L), attention_mask (B,L) bool, prompt_lengths (B,), response_lengths (B,), num_blocks (B,)."""
+def collate(
+    examples: Sequence[Example], canvas_length: int, pad_id: int, fill_id: int | None = None
+) -> dict[str, torch.Tensor]:
+    """input_ids (B,L), attention_mask (B,L) bool, prompt_lengths (B,), response_lengths (B,), num_blocks (B,).
+
+    `fill_id`: the token after EOS up to the block end (None = pad_id); the batch padding past a row is pad_id."""
     if not examples:
         raise ValueError("collate needs at least one example")
     if canvas_length <= 0:
@@ -41,6 +46,8 @@ def collate(examples: Sequence[Example], canvas_length: int, pad_id: int) -> dic
     for b, (e, p, r, length) in enumerate(zip(examples, prompt_lengths, response_lengths, row_lengths)):
         input_ids[b, :p] = torch.as_tensor(e.prompt_ids, dtype=torch.long)
         input_ids[b, p : p + r] = torch.as_tensor(e.response_ids, dtype=torch.long)
+        if fill_id is not None:
+            input_ids[b, p + r : length] = fill_id
         attention_mask[b, :length] = True  # the block fill is attended: the model learns to emit <pad> after EOS
     return {
         "input_ids": input_ids,
@@ -84,6 +91,7 @@ class Collator:
 
     canvas_length: int
     pad_id: int
+    fill_id: int | None = None
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        return collate(examples, self.canvas_length, self.pad_id)
+        return collate(examples, self.canvas_length, self.pad_id, self.fill_id)

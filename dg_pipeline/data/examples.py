@@ -1,8 +1,8 @@
 """Examples: token ids of one training/eval row (docs/ARCHITECTURE.md, data contract).
 
 `Example(prompt_ids, response_ids, meta)`: `response_ids` ends with EOS and holds no padding; `meta` carries what
-the scorer needs. Sudoku: prompt `<bos> board <sep>`, response `solution <eos>`, meta {puzzle, solution}.
-Chat: prompt = the turns before the final assistant turn (the tokenizer's chat template with the generation
+the scorer needs. Sudoku: prompt `<bos> board <sep>`, response `solution <eos>`, meta {puzzle, solution}, and on
+eval rows eval_source (the board source, reported apart by the gate). Chat: prompt = the turns before the final assistant turn (the tokenizer's chat template with the generation
 prompt, when it has one), response = completion tokens + EOS, meta {prompt, completion, source}.
 """
 
@@ -63,17 +63,23 @@ class BoardCodec:
         return size * size + 2  # <bos> + cells + <sep>
 
 
-def sudoku_example(board: Board, codec: BoardCodec) -> Example:
+def sudoku_example(board: Board, codec: BoardCodec, eval_source: str | None = None) -> Example:
+    """`eval_source`: which board source an eval example comes from (the gate reports each apart)."""
+    meta = {"puzzle": board.puzzle, "solution": board.solution}
+    if eval_source is not None:
+        meta["eval_source"] = eval_source
     return Example(
         prompt_ids=[codec.bos_id, *codec.encode(board.puzzle), codec.sep_id],
         response_ids=[*codec.encode(board.solution), codec.eos_id],
-        meta={"puzzle": board.puzzle, "solution": board.solution},
+        meta=meta,
     )
 
 
-def sudoku_examples(boards: Iterable[Board], tokenizer: PreTrainedTokenizerBase) -> list[Example]:
+def sudoku_examples(
+    boards: Iterable[Board], tokenizer: PreTrainedTokenizerBase, eval_source: str | None = None
+) -> list[Example]:
     codec = BoardCodec(tokenizer)
-    return [sudoku_example(b, codec) for b in boards]
+    return [sudoku_example(b, codec, eval_source) for b in boards]
 
 
 # --------------------------------------------------------------------------------------------- chat

@@ -8,6 +8,11 @@
   split off the training file (val always is), a missing training file is generated without the eval puzzles.
 - kind=chat: data.train_path (required) and data.eval_path (optional, else split off the training file).
 Val and eval never share a prompt (Sudoku: a puzzle) with train: duplicates are dropped from train.
+
+kind=sudoku also builds `Splits.independent`: data.independent.n_eval boards of the independent generator
+(`independent.py`, a different procedure and RNG stream), evaluated next to `eval` (`Splits.gate_examples`) and
+never trained on. The training side gets only the set of its puzzles, to avoid them (`avoid=`); every gate example
+carries meta["eval_source"] (`pipeline` / `file` / `independent`), so the gate reports each source apart.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -27,6 +32,7 @@ from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import atomic_write_json, read_json
 from dg_pipeline.core.rundir import RunDir
 from dg_pipeline.data.examples import BoardCodec, Example, chat_examples, sudoku_example, sudoku_examples
+from dg_pipeline.data.independent import INDEPENDENT_VERSION, SOURCE_NAME, independent_boards
 from dg_pipeline.data.readers import ChatRecord, read_boards, read_boards_jsonl, read_chat_jsonl, write_boards_jsonl
 from dg_pipeline.settings.data import DataSettings
 from dg_pipeline.data.sudoku import (
@@ -45,11 +51,21 @@ PARAMS_FILE = "params.json"
 T = TypeVar("T")
 
 
+# meta["eval_source"] of the eval split: boards of the training generator's stream, or rows of a file.
+PIPELINE_SOURCE, FILE_SOURCE = "pipeline", "file"
+
+
 @dataclass
 class Splits:
     train: list[Example]
     val: list[Example]
     eval: list[Example]
+    # Held-out boards of the independent generator (kind=sudoku): evaluated, never trained on.
+    independent: list[Example] = field(default_factory=list)
+
+    def gate_examples(self) -> list[Example]:
+        """What a gate scores: the eval split, then the independent set."""
+        return [*self.eval, *self.independent]
 
 
 def load_splits(
@@ -65,11 +81,13 @@ def load_splits(
 def load_eval_examples(data: DataSettings, tokenizer: PreTrainedTokenizerBase, run_dir: RunDir, seed: int,
                        limit: int | None = None) -> list[Example]:
     """The examples a gate scores: data.eval_path read directly (its first `limit` rows; no training data is
-    touched), else the run's eval split."""
+    touched), else the run's eval split; Sudoku adds the independent held-out boards."""
     if not data.eval_path:
-        return load_splits(data, tokenizer, run_dir, seed).eval
+        return load_splits(data, tokenizer, run_dir, seed).gate_examples()
     if data.kind == "sudoku":
-        return sudoku_examples(read_boards(data.eval_path, data.size, limit=limit), tokenizer)
+        boards = read_boards(data.eval_path, data.size, limit=limit)
+        size = data.size or (size_for_length(len(boards[0].puzzle)) if boards else None)
+        return sudoku_examples(boards, tokenizer, FILE_SOURCE) + independent_examples(data, tokenizer, size, len(boards))
     records = read_chat_jsonl(data.eval_path, limit=limit)
     return chat_examples(records, tokenizer, data.max_prompt_length, data.chat_template)
 
@@ -94,17 +112,62 @@ def _sudoku_splits(data: DataSettings, tokenizer: PreTrainedTokenizerBase, data_
         eval_boards, val_boards, train_boards = split_disjoint(
             train_boards, n_eval or 0, n_val, n_train, seed, _puzzle, held_out=eval_boards
         )
+        independent = independent_set(data, size, len(eval_boards))
+        avoid = {b.puzzle for b in independent}
+        val_boards, train_boards = _avoiding(val_boards, avoid), _avoiding(train_boards, avoid)
     else:
         if size is None:
             raise InputError("data.size is required to generate Sudoku boards (fix: data.size=4 or data.size=9)")
         geometry(size)  # names data.size when it is not 4 or 9
         _check_prompt_length(data, codec, size)
+        independent = independent_set(data, size, len(eval_boards) if eval_boards is not None else n_eval or 0)
         eval_boards, val_boards, train_boards = _generated_splits(
-            data, size, n_train, n_val, n_eval or 0, eval_boards, data_dir, seed
+            data, size, n_train, n_val, n_eval or 0, eval_boards, data_dir, seed, avoid=[b.puzzle for b in independent]
         )
-    splits = Splits(*([sudoku_example(b, codec) for b in boards] for boards in (train_boards, val_boards, eval_boards)))
+    eval_source = FILE_SOURCE if train_path or eval_path else PIPELINE_SOURCE
+    splits = Splits(
+        [sudoku_example(b, codec) for b in train_boards],
+        [sudoku_example(b, codec) for b in val_boards],
+        [sudoku_example(b, codec, eval_source=eval_source) for b in eval_boards],
+        [sudoku_example(b, codec, eval_source=SOURCE_NAME) for b in independent],
+    )
     _check_not_empty(splits, train_path or "the generated data")
     return splits
+
+
+def independent_settings(data: DataSettings, eval_size: int) -> dict[str, Any]:
+    """data.independent with its nulls resolved: n_eval -> `eval_size` (as many boards as the eval split), the
+    clue range -> data.min_clues..data.max_clues."""
+    ind = data.independent
+    return {
+        "version": INDEPENDENT_VERSION,
+        "n_eval": eval_size if ind.n_eval is None else ind.n_eval,
+        "seed": ind.seed,
+        "min_clues": ind.min_clues if ind.min_clues is not None else data.min_clues,
+        "max_clues": ind.max_clues if ind.max_clues is not None else data.max_clues,
+    }
+
+
+def independent_set(data: DataSettings, size: int | None, eval_size: int) -> list[Board]:
+    """The independent generator's held-out boards for data.independent (none when n_eval is 0 or there is
+    no board size); `eval_size`: the eval split's size (n_eval null = as many)."""
+    if size is None or data.kind != "sudoku":
+        return []
+    s = independent_settings(data, eval_size)
+    if not s["n_eval"]:
+        return []
+    return independent_boards(size, s["n_eval"], s["min_clues"], s["max_clues"], s["seed"])
+
+
+def independent_examples(
+    data: DataSettings, tokenizer: PreTrainedTokenizerBase, size: int | None, eval_size: int
+) -> list[Example]:
+    """independent_set as gate Examples (meta eval_source = "independent")."""
+    return sudoku_examples(independent_set(data, size, eval_size), tokenizer, SOURCE_NAME)
+
+
+def _avoiding(boards: list[Board], puzzles: set[str]) -> list[Board]:
+    return [b for b in boards if b.puzzle not in puzzles] if puzzles else boards
 
 
 def _rows_needed(n_train: int | None, n_val: int, n_eval: int | None, eval_path: Any) -> int | None:
@@ -125,10 +188,12 @@ def _generated_splits(
     eval_boards: list[Board] | None,
     data_dir: Path,
     seed: int,
+    avoid: Sequence[str] = (),
 ) -> tuple[list[Board], list[Board], list[Board]]:
     """(eval, val, train) boards generated into data_dir, or reused from it when the parameters match.
 
-    With `eval_boards` (from data.eval_path) only val and train are generated, avoiding those puzzles."""
+    With `eval_boards` (from data.eval_path) only val and train are generated, avoiding those puzzles. `avoid`:
+    puzzles no generated board may be (the independent held-out set's); only these strings reach this code."""
     if n_train is None:
         raise InputError("data.n_train is required to generate Sudoku boards (fix: e.g. data.n_train=20000)")
     min_clues, max_clues, workers = data.min_clues, data.max_clues, data.workers
@@ -145,6 +210,7 @@ def _generated_splits(
         "n_eval": None if held_out is not None else n_eval,
         # Generated boards avoid the puzzles of data.eval_path; a different eval file means different boards.
         "held_out_sha256": _digest(held_out) if held_out is not None else None,
+        "avoid_sha256": _digest(list(avoid)) if avoid else None,
     }
     names = ["val", "train"] if held_out is not None else ["eval", "val", "train"]
     counts = {"eval": n_eval, "val": n_val, "train": n_train}
@@ -161,7 +227,7 @@ def _generated_splits(
         (data_dir / PARAMS_FILE).unlink(missing_ok=True)
         boards = generate_boards(
             size, sum(counts[n] for n in names), min_clues, max_clues, seed,
-            workers=workers, exclude=held_out or (), progress=True,
+            workers=workers, exclude=[*(held_out or ()), *avoid], progress=True,
         )
         loaded, start = {}, 0
         for name in names:

@@ -43,6 +43,10 @@ NAMED_SHAPES: dict[str, TextShape] = {
     "sudoku4": TextShape(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=32, num_experts=4, top_k_experts=2, moe_intermediate_size=128,
                          sliding_window=64, layer_types=(S, S, S, F)),
+    # 9x9 Sudoku on 2 CPU cores (bench.sudoku9_cpu): the sudoku4 width, every layer seeing the whole 83-token prompt.
+    "sudoku9_cpu": TextShape(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=32, num_experts=4, top_k_experts=2,
+                             moe_intermediate_size=128, sliding_window=256, layer_types=(S, S, S, F)),
     # A GPU-host model for 9x9 Sudoku (~20M params).
     "sudoku9": TextShape(hidden_size=320, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=64, num_experts=8, top_k_experts=2, moe_intermediate_size=256,

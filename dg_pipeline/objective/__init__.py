@@ -10,6 +10,7 @@ from dg_pipeline.objective.losses import (
     MaskedObjective,
     UniformObjective,
     build_objective,
+    fill_token_id,
 )
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "MaskedObjective",
     "UniformObjective",
     "build_objective",
+    "fill_token_id",
 ]

@@ -9,9 +9,11 @@ One step, as inference sees it (docs/ARCHITECTURE.md, objective):
   3. self-conditioning: pass 1 without gradients and without a signal; for a random half of the examples its
      logits feed pass 2 (`self_conditioning_mask`), the others see a zero signal as at the first inference step.
 
-The encoder AR loss is next-token cross-entropy on the response tokens through EOS (each predicted from the clean
-prefix before it; prompt tokens and the pad fill after EOS are not targets): the same single-turn supervision the
-diffusion loss uses, so the shared weights stay a usable autoregressive model of the answer.
+The encoder AR loss is next-token cross-entropy over `objective.ar_loss_scope`: `response` = the response tokens
+through EOS (each predicted from the clean prefix before it; prompt tokens and the fill after EOS are not targets),
+the same single-turn supervision the diffusion loss uses; `sequence` = every next token of the clean row (prompt,
+response and the fill up to the block end), as NeMo AutoModel's DiffusionGemma recipe does. The fill after EOS is
+`objective.fill_token` (<pad>, or EOS as NeMo does; `fill_token_id`, applied by the collator).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from transformers.cache_utils import DynamicCache
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.model.logits import softcap_logits
+from dg_pipeline.settings.training import AR_LOSS_SCOPES, ObjectiveSettings
 from dg_pipeline.objective.corruption import (
     choose_blocks,
     mask_corrupt,
@@ -156,6 +159,25 @@ def supervised_block_positions(
     return torch.ones_like(real) if supervise_padding else real
 
 
+def fill_token_id(objective: ObjectiveSettings, tokenizer) -> int:
+    """The token that fills the last block after EOS (objective.fill_token: pad | eos)."""
+    name = objective.fill_token
+    token_id = tokenizer.pad_token_id if name == "pad" else tokenizer.eos_token_id
+    if token_id is None:
+        raise InputError(f"objective.fill_token={name}: the tokenizer has no {name} token")
+    return int(token_id)
+
+
+def ar_prediction_positions(batch: dict, scope: str = "response") -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) bool of the positions that carry an AR-loss target under `scope`, and the targets (B, L)."""
+    if _checked_scope(scope) == "response":
+        return response_prediction_positions(batch)
+    input_ids = batch["input_ids"]
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+    row_lengths = batch["attention_mask"].sum(dim=1, keepdim=True)  # prompt + whole response blocks
+    return positions < row_lengths - 1, torch.roll(input_ids, shifts=-1, dims=1)
+
+
 def response_prediction_positions(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) bool of the positions whose next token is a response token (through EOS), and those targets (B, L)."""
     input_ids = batch["input_ids"]
@@ -167,12 +189,19 @@ def response_prediction_positions(batch: dict) -> tuple[torch.Tensor, torch.Tens
     return predicts, targets
 
 
-def encoder_ar_loss(model, hidden: torch.Tensor, batch: dict) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy of the encoder on the response tokens through EOS."""
-    predicts, targets = response_prediction_positions(batch)
+def encoder_ar_loss(model, hidden: torch.Tensor, batch: dict, scope: str = "response") -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy of the encoder over `scope` (response: the response tokens through EOS;
+    sequence: the whole clean row)."""
+    predicts, targets = ar_prediction_positions(batch, scope)
     # lm_head only where a target exists: the full (B, L, V) logits would dominate memory for large vocabularies.
     logits = soft_capped_logits(model, hidden[predicts])
     return F.cross_entropy(logits, targets[predicts]), int(predicts.sum())
+
+
+def _checked_scope(scope: str) -> str:
+    if scope not in AR_LOSS_SCOPES:
+        raise InputError(f"objective.ar_loss_scope={scope}: choose one of {', '.join(AR_LOSS_SCOPES)}")
+    return scope
 
 
 # ---------------------------------------------------------------------------------------------------- objectives
@@ -184,9 +213,12 @@ class EncoderARObjective:
     name = "ar"
     has_diffusion = False
 
+    def __init__(self, ar_loss_scope: str = "response"):
+        self.ar_loss_scope = _checked_scope(ar_loss_scope)
+
     def loss(self, model, batch: dict, generator: torch.Generator) -> LossOutput:
         encoded = encode_clean_sequence(model, batch["input_ids"], batch["attention_mask"])
-        ar_loss, ar_tokens = encoder_ar_loss(model, encoded.hidden, batch)
+        ar_loss, ar_tokens = encoder_ar_loss(model, encoded.hidden, batch, self.ar_loss_scope)
         zero = ar_loss.new_zeros(())
         return LossOutput(loss=ar_loss, diffusion_loss=zero, ar_loss=ar_loss, diffusion_tokens=0, ar_tokens=ar_tokens)
 
@@ -203,6 +235,7 @@ class BlockDiffusionObjective:
         ar_loss_weight: float = 1.0,
         self_conditioning_prob: float = 0.5,
         supervise_padding: bool = True,
+        ar_loss_scope: str = "response",
     ):
         if not 0.0 <= t_eps < 1.0:
             raise InputError(f"objective.t_eps={t_eps}: must be in [0, 1)")
@@ -212,6 +245,7 @@ class BlockDiffusionObjective:
         self.ar_loss_weight = ar_loss_weight
         self.self_conditioning_prob = self_conditioning_prob
         self.supervise_padding = supervise_padding
+        self.ar_loss_scope = _checked_scope(ar_loss_scope)
 
     # -- what a subclass defines
     def corrupt(self, model, clean: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
@@ -241,7 +275,7 @@ class BlockDiffusionObjective:
 
     def loss(self, model, batch: dict, generator: torch.Generator) -> LossOutput:
         encoded = encode_clean_sequence(model, batch["input_ids"], batch["attention_mask"])
-        ar_loss, ar_tokens = encoder_ar_loss(model, encoded.hidden, batch)
+        ar_loss, ar_tokens = encoder_ar_loss(model, encoded.hidden, batch, self.ar_loss_scope)
         block = self.noised_block(model, batch, generator)
         use_sc = sample_self_conditioning(
             block.starts.shape[0], self.self_conditioning_prob, generator, block.starts.device
@@ -312,15 +346,17 @@ class MaskedObjective(BlockDiffusionObjective):
         return per_example.mean(), int(counted.sum())
 
 
-def build_objective(objective_cfg, tokenizer=None, ar_only: bool = False):
+def build_objective(objective_cfg: ObjectiveSettings, tokenizer=None, ar_only: bool = False):
     """The objective named by `objective.name` (uniform | masked), or the encoder-only one for `pretrain`."""
+    scope = objective_cfg.ar_loss_scope
     if ar_only:
-        return EncoderARObjective()
+        return EncoderARObjective(ar_loss_scope=scope)
     kwargs = dict(
         t_eps=float(objective_cfg.t_eps),
         ar_loss_weight=float(objective_cfg.ar_loss_weight),
         self_conditioning_prob=float(objective_cfg.self_conditioning_prob),
         supervise_padding=bool(objective_cfg.supervise_padding),
+        ar_loss_scope=scope,
     )
     name = str(objective_cfg.name)
     if name == "uniform":

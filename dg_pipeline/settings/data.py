@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.settings.checks import check_non_negative_int, check_positive_int
 
 DATA_KINDS = ("sudoku", "chat")
+
+
+@dataclass
+class IndependentSettings:
+    """data.independent: held-out boards of the independent generator (conf/data/sudoku4.yaml documents the keys)."""
+
+    n_eval: Optional[int] = None  # null = as many as the eval split; 0 = none
+    seed: int = 20240613  # the held-out set's own seed: it never follows the global `seed`
+    min_clues: Optional[int] = None  # null = data.min_clues
+    max_clues: Optional[int] = None  # null = data.max_clues
+
+    def __post_init__(self) -> None:
+        check_non_negative_int("data.independent.n_eval", self.n_eval, optional=True)
 
 
 @dataclass
@@ -27,6 +40,7 @@ class DataSettings:
     max_prompt_length: Optional[int] = None
     chat_template: bool = True  # chat: render prompts with the tokenizer's chat template
     workers: Optional[int] = None  # Sudoku generation processes (null = all cores)
+    independent: IndependentSettings = field(default_factory=IndependentSettings)
 
     def __post_init__(self) -> None:
         if self.kind not in DATA_KINDS:

@@ -9,6 +9,8 @@ from dg_pipeline.core.errors import InputError
 from dg_pipeline.settings.checks import check_choice, check_non_negative_int, check_number, check_positive_int
 
 OBJECTIVES = ("uniform", "masked")
+AR_LOSS_SCOPES = ("response", "sequence")  # objective.ar_loss_scope
+FILL_TOKENS = ("pad", "eos")  # objective.fill_token
 STRATEGIES = ("auto", "ddp", "fsdp")
 PROGRESS_BARS = ("tqdm", "none")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -22,12 +24,16 @@ class ObjectiveSettings:
     name: str = "uniform"
     t_eps: float = 0.001
     ar_loss_weight: float = 1.0
+    ar_loss_scope: str = "response"
+    fill_token: str = "pad"
     self_conditioning_prob: float = 0.5
     freeze_router: bool = True
     supervise_padding: bool = True
 
     def __post_init__(self) -> None:
         check_choice("objective.name", self.name, OBJECTIVES)
+        check_choice("objective.ar_loss_scope", self.ar_loss_scope, AR_LOSS_SCOPES)
+        check_choice("objective.fill_token", self.fill_token, FILL_TOKENS)
         check_number("objective.t_eps", self.t_eps, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
         check_number("objective.ar_loss_weight", self.ar_loss_weight, low=0.0)
         check_number("objective.self_conditioning_prob", self.self_conditioning_prob, low=0.0, high=1.0)

@@ -13,7 +13,7 @@ from dg_pipeline.settings.checks import check_number, check_positive_int
 class VerifySettings:
     """conf/verify/default.yaml (documents every key)."""
 
-    n_eval: Optional[int] = None  # null = data.n_eval (or the whole eval file)
+    n_eval: Optional[int] = None  # per eval source; null = data.n_eval (or the whole eval file)
     batch_size: int = 16
     speed_examples: int = 32
     min_accuracy: float = 0.0
@@ -22,7 +22,10 @@ class VerifySettings:
     min_speedup: float = 0.0
     reference: Optional[str] = None
     ar_baseline: bool = True
-    sweep_steps: List[int] = field(default_factory=list)
+    sweep_steps: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 6])
+    sweep_examples: Optional[int] = 64  # per eval source; null = all
+    choose_steps: bool = True  # stage=sft: max_denoising_steps in generation_config.json from the val curve
+    choose_steps_max_loss: float = 0.005
     plots: bool = True
 
     def __post_init__(self) -> None:
@@ -39,6 +42,9 @@ class VerifySettings:
         if self.min_speedup > 0 and not self.ar_baseline:
             raise InputError(f"verify.min_speedup={self.min_speedup} needs the AR baseline: set "
                              "verify.ar_baseline=true or verify.min_speedup=0")
+        check_positive_int("verify.sweep_examples", self.sweep_examples, "a positive number of examples per source "
+                           "(or null = all)", optional=True)
+        check_number("verify.choose_steps_max_loss", self.choose_steps_max_loss, low=0.0, high=1.0)
         for steps in self.sweep_steps:
             if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
                 raise InputError(f"verify.sweep_steps contains {steps!r}: each entry must be a positive step count")

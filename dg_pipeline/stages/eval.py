@@ -5,7 +5,8 @@
 - model: `input=`, else <run_dir>/sft/model;
 - examples: data.eval_path (Kaggle CSV / board JSONL for data.kind=sudoku, prompt/completion or messages JSONL
   for data.kind=chat; the first verify.n_eval / data.n_eval rows), else the run's eval split (load_splits:
-  generated boards under <run_dir>/data/, reused when they exist);
+  generated boards under <run_dir>/data/, reused when they exist); for Sudoku, then the independent held-out
+  boards (data.independent);
 - reference: the verify.json next to the model dir (e.g. <run_dir>/sft/verify.json) when there is one, so
   verify.max_accuracy_drop can hold an evaluation to its training-time gate; verify.reference overrides it.
 A failed check raises GateFailed after verify.json is written (the entry point exits 1).

@@ -1,7 +1,8 @@
 """Stage `sft`: block-diffusion fine-tuning (objective=uniform, DiffusionGemma's recipe; or objective=masked).
 
 input=<dir>, else <run_dir>/pretrain/model when it exists, else <run_dir>/base/model
-  -> <run_dir>/sft/model/         merged weights (LoRA folded in), tokenizer, generation_config.json
+  -> <run_dir>/sft/model/         merged weights (LoRA folded in), tokenizer, generation_config.json (its
+                                  max_denoising_steps chosen from the val split's step curve: verify.choose_steps)
      <run_dir>/sft/training.json  final train loss, val loss, val acc t=1 / t=0.5, tokens/s, wall time
      <run_dir>/sft/verify.json    the gate (dg_pipeline.verify.run_gate), with the training figures
      <run_dir>/sft/exp/           exp_manager: checkpoints (a restarted identical run resumes), logs
@@ -24,6 +25,7 @@ from dg_pipeline.model.io import load_model, resolve_device, resolve_dtype, save
 from dg_pipeline.settings import RunSettings
 from dg_pipeline.training import RESUME_KEYS, TrainingJob, train
 from dg_pipeline.verify import GateSettings, run_gate
+from dg_pipeline.verify.step_choice import StepChoice, choose_denoising_steps
 
 STAGE = "sft"
 TRAINING_JSON = "training.json"
@@ -62,6 +64,8 @@ def run_training_stage(cfg: DictConfig, stage: str, max_steps: int, ar_only: boo
         return {}  # other ranks only train; rank 0 saves and verifies
 
     model = model.to(device=device, dtype=resolve_dtype(settings.model.dtype)).eval()
+    gate = GateSettings.for_run(settings)
+    choice = choose_step_budget(settings, gate, stage, model, tokenizer, splits.val)
     save_model(model, tokenizer, model_dir)
     figures = {
         "stage": stage,
@@ -75,8 +79,20 @@ def run_training_stage(cfg: DictConfig, stage: str, max_steps: int, ar_only: boo
     }
     atomic_write_json(stage_dir / TRAINING_JSON, figures)
     _print_figures(figures)
-    return run_gate(model, tokenizer, splits.eval, GateSettings.for_run(settings), stage=stage, input_dir=input_dir,
-                    out_dir=stage_dir, extra={"training": figures})
+    return run_gate(model, tokenizer, splits.gate_examples(), gate, stage=stage, input_dir=input_dir,
+                    out_dir=stage_dir, extra={"training": figures, "step_choice": choice.to_dict() if choice else None})
+
+
+def choose_step_budget(settings: RunSettings, gate: GateSettings, stage: str, model, tokenizer,
+                       val_examples) -> StepChoice | None:
+    """stage=sft with verify.choose_steps (and no explicit sampler.max_denoising_steps): set the model's
+    generation_config max_denoising_steps from the val split's step curve (dg_pipeline.verify.step_choice)."""
+    if stage != STAGE or not settings.verify.choose_steps or settings.sampler.max_denoising_steps is not None:
+        return None
+    choice = choose_denoising_steps(model, tokenizer, val_examples, gate, split="val", console=console)
+    if choice is not None:
+        model.generation_config.max_denoising_steps = choice.max_denoising_steps
+    return choice
 
 
 def _previous_record(stage_dir: Path) -> dict:

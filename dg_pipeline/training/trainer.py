@@ -25,7 +25,7 @@ from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import atomic_write_json
 from dg_pipeline.data.collate import Collator, ExampleDataset
 from dg_pipeline.training.callbacks import TokensPerSecond, progress_bar
-from dg_pipeline.objective import build_objective
+from dg_pipeline.objective import build_objective, fill_token_id
 from dg_pipeline.training.lora import apply_lora, merge_lora
 from dg_pipeline.settings import LoggerSettings, ObjectiveSettings, RunSettings, TrainerSettings
 from dg_pipeline.training.module import (
@@ -94,11 +94,12 @@ class TrainingResult:
 
 
 def make_loaders(train_examples: Sequence, val_examples: Sequence, trainer_cfg, canvas_length: int, pad_id: int,
-                 seed: int) -> tuple[DataLoader, DataLoader | None]:
-    """Shuffled training loader (seeded) and an ordered validation loader over lists of `Example`s."""
+                 seed: int, fill_id: int | None = None) -> tuple[DataLoader, DataLoader | None]:
+    """Shuffled training loader (seeded) and an ordered validation loader over lists of `Example`s; `fill_id` fills
+    the last block after EOS (None = pad_id)."""
     if len(train_examples) == 0:
         raise InputError("the training split is empty: check data.n_train / data.train_path")
-    collate_fn = Collator(canvas_length=canvas_length, pad_id=pad_id)
+    collate_fn = Collator(canvas_length=canvas_length, pad_id=pad_id, fill_id=fill_id)
     batch_size = int(trainer_cfg.batch_size)
     if batch_size <= 0:
         raise InputError(f"trainer.batch_size={batch_size}: must be a positive integer")
@@ -296,7 +297,8 @@ def train(job: TrainingJob, model, tokenizer, splits) -> tuple[object, TrainingR
     module = BlockDiffusionModule(model, objective, OptimConfig.from_trainer_cfg(job.trainer, job.max_steps),
                                   seed=job.seed)
     train_loader, val_loader = make_loaders(splits.train, splits.val, job.trainer, model.config.canvas_length,
-                                            tokenizer.pad_token_id, seed=job.seed)
+                                            tokenizer.pad_token_id, seed=job.seed,
+                                            fill_id=fill_token_id(job.objective, tokenizer))
     result, trainer = fit(module, train_loader, val_loader, job)
     ema_state = final_state_dict(trainer, model)
     if ema_state is not None:

@@ -35,6 +35,7 @@ from dg_pipeline.core.io import atomic_write_text
 from dg_pipeline.core.progress import progress_bar
 from dg_pipeline.data import left_padded_prompts
 from dg_pipeline.sampling import BlockDiffusionSampler, GenerationResult, SamplerConfig, ar_generate
+from dg_pipeline.verify.breakdown import accuracy_breakdown, first_per_source, source_accuracies
 from dg_pipeline.verify.plots import plot_step_sweep, plot_trajectory, trajectory_grid
 from dg_pipeline.verify.record import (
     GateSettings,
@@ -185,7 +186,8 @@ class GateDecodes:
     diffusion_single: DecodePass  # the speed subset at batch 1: tokens/s @ 1
     ar: DecodePass | None  # None when verify.ar_baseline=false
     ar_single: DecodePass | None
-    sweep: list[dict]
+    sweep: list[dict]  # fixed step counts (verify.sweep_steps)
+    sweep_adaptive: dict | None  # the main pass (the adaptive stop) on the sweep's examples
     plots: dict
     device: str
 
@@ -225,6 +227,8 @@ def run_gate(
     ar_scores = [scorer.score(s, e) for s, e in zip(decodes.ar.sequences, examples)] if decodes.ar else None
     record = measurements(stage, input_dir, scorer.metric, examples, scores, ar_scores, decodes, settings,
                           sampler_config, ref)
+    record.update(accuracy_breakdown(examples, [sc.correct for sc in scores],
+                                     [sc.correct for sc in ar_scores] if ar_scores else None, scorer.strata))
     record["simulated"] = bool(simulated)
     record.update(extra or {})
     paired = None
@@ -282,10 +286,12 @@ def decode_for_gate(model, tokenizer, examples, settings: GateSettings, sampler_
                 ar = ar_decoder(model, tokenizer, max_new)
                 ar_main, ar_single = measure(ar, examples, batch_size, speed_n, tokenizer, progress, "AR")
             sweep = sweep_steps(model, settings, tokenizer, examples, scorer, max_new, seed, batch_size, progress)
-        plots = write_plots(diffusion, tokenizer, examples[0], sweep, scorer.metric, out_dir) if v.plots else {}
+        adaptive = adaptive_point(main, examples, scorer, settings, sampler_config) if sweep else None
+        plots = (write_plots(diffusion, tokenizer, examples[0], sweep, scorer.metric, out_dir, adaptive)
+                 if v.plots else {})
     finally:
         model.train(was_training)
-    return GateDecodes(main, single, ar_main, ar_single, sweep, plots, device_name(model_device(model)))
+    return GateDecodes(main, single, ar_main, ar_single, sweep, adaptive, plots, device_name(model_device(model)))
 
 
 def measurements(stage, input_dir, metric, examples, scores, ar_scores, d: GateDecodes, settings: GateSettings,
@@ -329,6 +335,7 @@ def measurements(stage, input_dir, metric, examples, scores, ar_scores, d: GateD
         "reference": None if ref is None else {"path": ref["path"], "stage": ref.get("stage"), "accuracy": ref["accuracy"]},
         "accuracy_drop": None if ref is None else float(ref["accuracy"]) - summary["accuracy"],
         "sweep": d.sweep,
+        "sweep_adaptive": d.sweep_adaptive,
         "plots": d.plots,
         "seconds": {
             "diffusion_batch": d.diffusion.seconds,
@@ -340,8 +347,9 @@ def measurements(stage, input_dir, metric, examples, scores, ar_scores, d: GateD
 
 
 def first_examples(examples: Sequence, n: int | None) -> list:
-    """The first `n` examples (None = all) the gate scores; none at all is an error naming where they come from."""
-    examples = list(examples)[:n] if n is not None else list(examples)
+    """The examples scored: the first `n` of each eval source (None = all, as the data settings sized them); none
+    at all is an error naming where they come from."""
+    examples = list(examples) if n is None else first_per_source(examples, n)
     if not examples:
         raise InputError("the gate got no eval examples: check data.eval_path (empty file?) or data.n_eval")
     return examples
@@ -370,32 +378,63 @@ def _write_predictions(out_dir: Path, examples, scores: list[Score], ar_scores: 
 # ------------------------------------------------------------------------------------------- sweep and plots
 
 
-def sweep_steps(model, settings: GateSettings, tokenizer, examples, scorer, max_new, seed, batch_size,
-                progress=None) -> list[dict]:
-    """Accuracy and tokens/forward for each max_denoising_steps in verify.sweep_steps (empty = no sweep)."""
+def fixed_steps(steps: int) -> dict[str, int]:
+    """Sampler changes that run exactly `steps` denoising steps per block: the stop rule needs the argmax canvas to
+    repeat `stability_threshold` times, which cannot happen within `steps` steps when the threshold is `steps`."""
+    return {"max_denoising_steps": steps, "stability_threshold": steps}
+
+
+def sweep_subset(examples: Sequence, settings: GateSettings) -> list:
+    """The examples the sweep decodes: the first verify.sweep_examples of each source (null = all)."""
+    n = settings.verify.sweep_examples
+    return list(examples) if n is None else first_per_source(examples, n)
+
+
+def sweep_steps(model, settings: GateSettings, tokenizer, examples, scorer, max_new, seed, batch_size, progress=None,
+                counts: Sequence[int] | None = None) -> list[dict]:
+    """Accuracy (overall and per source), tokens/forward and steps for each FIXED step count in
+    verify.sweep_steps (or `counts`; empty = no sweep): exactly that many steps per block, no adaptive stop, over
+    `sweep_subset(examples)`."""
     points = []
-    for steps in settings.verify.sweep_steps:
-        sampler_config = SamplerConfig.for_model(model, settings.sampler, tokenizer, max_denoising_steps=steps)
+    examples = sweep_subset(examples, settings)
+    for steps in settings.verify.sweep_steps if counts is None else counts:
+        sampler_config = SamplerConfig.for_model(model, settings.sampler, tokenizer, **fixed_steps(steps))
         decode = diffusion_decoder(model, sampler_config, tokenizer, max_new, seed)
         run = run_pass(decode, examples, batch_size, tokenizer, progress, f"sweep     steps={steps}")
-        summary = aggregate([scorer.score(s, e) for s, e in zip(run.sequences, examples)])
-        points.append(
-            {
-                "max_denoising_steps": steps,
-                "accuracy": summary["accuracy"],
-                "tokens_per_forward": run.tokens_per_forward,
-                "mean_denoising_steps": run.mean_denoising_steps,
-                "tokens_per_second": run.tokens_per_second,
-            }
-        )
+        points.append({"max_denoising_steps": steps, "mode": "fixed",
+                       **pass_point(run, examples, [scorer.score(s, e) for s, e in zip(run.sequences, examples)])})
     return points
 
 
-def write_plots(diffusion: Generate, tokenizer, example, sweep: list[dict], metric: str, out_dir: Path) -> dict:
+def pass_point(run: DecodePass, examples: Sequence, scores: Sequence[Score]) -> dict:
+    """One point of a step curve: accuracy overall and per source, n, tokens/forward, steps/block, tokens/s."""
+    summary = aggregate(scores)
+    return {
+        "accuracy": summary["accuracy"],
+        "by_source": source_accuracies(examples, [sc.correct for sc in scores]),
+        "n": len(examples),
+        "tokens_per_forward": run.tokens_per_forward,
+        "mean_denoising_steps": run.mean_denoising_steps,
+        "tokens_per_second": run.tokens_per_second,
+    }
+
+
+def adaptive_point(main: DecodePass, examples: Sequence, scorer, settings: GateSettings,
+                   sampler_config: SamplerConfig) -> dict:
+    """The main pass (the sampler's own settings, adaptive stop on) as a point of the sweep, scored on the sweep's
+    examples; tokens/forward and steps are the main pass's (all examples)."""
+    wanted = {id(e) for e in sweep_subset(examples, settings)}
+    kept = [(seq, e) for seq, e in zip(main.sequences, examples) if id(e) in wanted]
+    point = pass_point(main, [e for _, e in kept], [scorer.score(seq, e) for seq, e in kept])
+    return {"max_denoising_steps": sampler_config.max_denoising_steps, "mode": "adaptive", **point}
+
+
+def write_plots(diffusion: Generate, tokenizer, example, sweep: list[dict], metric: str, out_dir: Path,
+                adaptive: dict | None = None) -> dict:
     """sweep_steps.png (when there is a sweep) and trajectory.png (one example's denoising); returns file names."""
     paths = {}
     if sweep:
-        paths["sweep"] = plot_step_sweep(sweep, metric, out_dir / "sweep_steps.png").name
+        paths["sweep"] = plot_step_sweep(sweep, metric, out_dir / "sweep_steps.png", adaptive=adaptive).name
     result = diffusion([example], record_trajectory=True)
     if result.trajectory:
         cells, kinds, labels = trajectory_grid(result.trajectory, example.response_ids, tokenizer.pad_token_id)

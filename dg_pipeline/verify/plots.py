@@ -37,41 +37,43 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_step_sweep(points: Sequence[Mapping], metric: str, path: str | Path, title: str = "") -> Path:
-    """Accuracy (left axis) and tokens per forward (right axis) against max_denoising_steps.
+def plot_step_sweep(points: Sequence[Mapping], metric: str, path: str | Path, title: str = "",
+                    adaptive: Mapping | None = None) -> Path:
+    """Accuracy (left axis, overall and per eval source) and tokens per forward (right axis) against the number of
+    denoising steps per block.
 
-    `points`: dicts with `max_denoising_steps`, `accuracy`, `tokens_per_forward` (and optionally
-    `mean_denoising_steps`, shown as point labels).
+    `points`: dicts with `max_denoising_steps`, `accuracy`, `tokens_per_forward` (optionally `by_source`
+    {source: accuracy} and `mean_denoising_steps`). `adaptive`: the sampler's own settings (adaptive stop), drawn
+    as a star at its mean steps per block.
     """
     points = sorted(points, key=lambda p: p["max_denoising_steps"])
     steps = [p["max_denoising_steps"] for p in points]
-    fig = Figure(figsize=(7, 4.2))
+    fig = Figure(figsize=(7.5, 4.4))
     ax = fig.add_subplot()
-    acc_line = ax.plot(steps, [p["accuracy"] for p in points], "o-", color="tab:blue", label=f"accuracy ({metric})")
-    ax.set_xlabel("max_denoising_steps (per block)")
+    lines = ax.plot(steps, [p["accuracy"] for p in points], "o-", color="tab:blue", label=f"{metric}, fixed steps")
+    sources = sorted({s for p in points for s in (p.get("by_source") or {})})
+    if len(sources) > 1:
+        for source, style in zip(sources, ("^:", "v:", "d:", "x:")):
+            lines += ax.plot(steps, [(p.get("by_source") or {}).get(source, float("nan")) for p in points], style,
+                             color="tab:blue", alpha=0.6, markersize=4, label=f"{metric}, fixed steps, {source}")
+    if adaptive is not None and adaptive.get("mean_denoising_steps") is not None:
+        lines += ax.plot([adaptive["mean_denoising_steps"]], [adaptive["accuracy"]], "*", color="tab:red",
+                         markersize=14, label=f"adaptive stop (max {adaptive['max_denoising_steps']} steps)")
+    ax.set_xlabel("denoising steps per block")
     ax.set_ylabel(f"accuracy ({metric})", color="tab:blue")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xscale("log", base=2)
+    xmax = max(steps + ([adaptive["mean_denoising_steps"]] if adaptive and adaptive.get("mean_denoising_steps") else []))
+    ax.set_xlim(0.5, xmax + 0.5)
     ax.set_xticks(steps, [str(s) for s in steps])
     ax.grid(True, alpha=0.3)
-    ax.set_xlim(min(steps) / 1.35, max(steps) * 1.35)  # room for the first and last point labels
     ax2 = ax.twinx()
-    tpf_line = ax2.plot(
-        steps, [p["tokens_per_forward"] for p in points], "s--", color="tab:orange", label="tokens / forward"
-    )
+    lines += ax2.plot(steps, [p["tokens_per_forward"] for p in points], "s--", color="tab:orange",
+                      label="tokens / forward, fixed steps")
     ax2.set_ylabel("committed tokens per decoder forward", color="tab:orange")
-    ax2.set_ylim(0, 1.2 * max(p["tokens_per_forward"] for p in points) + 1e-9)  # headroom for the labels
-    for p in points:
-        if p.get("mean_denoising_steps") is not None:
-            ax2.annotate(
-                f"{p['mean_denoising_steps']:.1f} steps used",
-                (p["max_denoising_steps"], p["tokens_per_forward"]),
-                textcoords="offset points", xytext=(0, 8), ha="center", fontsize=8, color="tab:orange",
-                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.85),
-            )
-    lines = acc_line + tpf_line
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="best")
-    ax.set_title(title or "accuracy and tokens/forward vs denoising-step budget")
+    top = max([p["tokens_per_forward"] for p in points] + [(adaptive or {}).get("tokens_per_forward") or 0])
+    ax2.set_ylim(0, 1.15 * top + 1e-9)
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right", fontsize=8)
+    ax.set_title(title or "accuracy and tokens/forward vs denoising steps per block")
     return save_figure(fig, path)
 
 

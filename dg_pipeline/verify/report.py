@@ -14,18 +14,21 @@ from rich.table import Table
 
 from dg_pipeline.core.io import read_json
 from dg_pipeline.core.registry import STAGE_ORDER
+from dg_pipeline.verify.breakdown import stratum_sort_key
 
 WIDE_CONSOLE = 160
-# (header, record key, format) of the cross-stage table.
+# (header, record key or key path, format) of the cross-stage table.
 STAGE_COLUMNS = (
     ("metric", "metric", "{}"),
     ("accuracy", "accuracy", "{:.3f}"),
+    ("indep.", ("by_source", "independent", "accuracy"), "{:.3f}"),
     ("n", "n_eval", "{}"),
     ("tok/s @1", "tokens_per_second", "{:,.1f}"),
     ("tok/s @B", "tokens_per_second_batch", "{:,.1f}"),
     ("tok/fwd", "tokens_per_forward", "{:.2f}"),
     ("steps/blk", "mean_denoising_steps", "{:.1f}"),
     ("AR acc", "ar_accuracy", "{:.3f}"),
+    ("AR indep.", ("by_source", "independent", "ar_accuracy"), "{:.3f}"),
     ("AR tok/s", "ar_tokens_per_second", "{:,.1f}"),
     ("speedup", "speedup_vs_ar", "{:.2f}x"),
     ("device", "device", "{}"),
@@ -41,6 +44,16 @@ def fmt(value: Any, pattern: str = "{}") -> str:
         return pattern.format(value)
     except (ValueError, TypeError):
         return str(value)
+
+
+def lookup(record: Mapping[str, Any], key: str | tuple[str, ...]) -> Any:
+    """record[key], or the value at a key path (("by_source", "independent", "accuracy")); None when absent."""
+    value: Any = record
+    for part in (key,) if isinstance(key, str) else key:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(part)
+    return value
 
 
 def _mark(passed: bool, rich: bool) -> str:
@@ -80,6 +93,7 @@ def gate_table(record: Mapping[str, Any]) -> Group:
     measures.add_row("denoising steps / block", fmt(record["mean_denoising_steps"], "{:.1f}"), "-")
     measures.add_row("speedup vs AR @ batch 1", fmt(record["speedup_vs_ar"], "{:.2f}x"), "")
 
+    tables = [measures, *breakdown_tables(record)]
     checks = Table(title=f"gate: {_mark(record['passed'], True)}", title_justify="left")
     for column, justify in (("check", "left"), ("value", "right"), ("needs", "right"), ("", "left")):
         checks.add_column(column, justify=justify)
@@ -90,7 +104,33 @@ def gate_table(record: Mapping[str, Any]) -> Group:
             f"{check.get('op', '>=')} {fmt(check['threshold'], '{:.4g}')}",
             _mark(check["passed"], True),
         )
-    return Group(measures, checks)
+    return Group(*tables, checks)
+
+
+def breakdown_tables(record: Mapping[str, Any]) -> list[Table]:
+    """Accuracy per eval source, and per stratum value (Sudoku: clue count) with one column pair per source."""
+    by_source = record.get("by_source") or {}
+    if not by_source:
+        return []
+    acc = "{:.3f}"
+    table = Table(title="accuracy by eval source", title_justify="left")
+    for column in ("source", "n", "diffusion", "AR baseline"):
+        table.add_column(column, justify="left" if column == "source" else "right")
+    for source, cell in by_source.items():
+        table.add_row(source, str(cell["n"]), fmt(cell["accuracy"], acc), fmt(cell.get("ar_accuracy"), acc))
+    tables = [table]
+    for stratum, per_source in (record.get("by_stratum") or {}).items():
+        values = sorted({v for cells in per_source.values() for v in cells}, key=stratum_sort_key)
+        t = Table(title=f"accuracy by {stratum} (diffusion / AR, n)", title_justify="left")
+        t.add_column(stratum, justify="right")
+        for source in per_source:
+            t.add_column(source, justify="right")
+        for v in values:
+            cells = [per_source[s].get(v) for s in per_source]
+            t.add_row(v, *("-" if c is None else f"{fmt(c['accuracy'], acc)} / {fmt(c.get('ar_accuracy'), acc)}, {c['n']}"
+                           for c in cells))
+        tables.append(t)
+    return tables
 
 
 def print_gate(record: Mapping[str, Any], console: Console | None = None) -> None:
@@ -130,7 +170,7 @@ def stage_rows(pairs: Sequence[tuple[str, Mapping]], rich: bool = False) -> tupl
     rows = []
     for label, rec in pairs:
         label = f"{label} (sim)" if rec.get("simulated") else label
-        rows.append([label, *(fmt(rec.get(k), f) for _, k, f in STAGE_COLUMNS), _mark(bool(rec.get("passed")), rich)])
+        rows.append([label, *(fmt(lookup(rec, k), f) for _, k, f in STAGE_COLUMNS), _mark(bool(rec.get("passed")), rich)])
     return headers, rows
 
 

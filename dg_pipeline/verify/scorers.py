@@ -38,6 +38,8 @@ class Scorer(Protocol):
 
     def score(self, generated_ids: Sequence[int], example) -> Score: ...
 
+    def strata(self, example) -> dict: ...
+
 
 def response_until_stop(ids: Sequence[int], stop_ids: Iterable[int]) -> list[int]:
     """The generated tokens before the first EOS/pad (the response proper)."""
@@ -77,6 +79,11 @@ class SudokuScorer:
         except BoardError as e:
             solved, reason = False, e.problem
         return Score(solved, board_cell_accuracy(board, puzzle, solution), text=board, reason=reason)
+
+    def strata(self, example) -> dict[str, int]:
+        """What the gate splits accuracy by besides the source: the puzzle's clue count."""
+        puzzle, _ = _board_meta(example)
+        return {"clues": sum(ch not in "0." for ch in puzzle)}
 
 
 def board_cell_accuracy(board: str, puzzle: str, solution: str) -> dict[str, float]:
@@ -121,6 +128,9 @@ class CompletionScorer:
         hits = sum(int(g) == r for g, r in zip(generated_ids, reference_ids))
         token_accuracy = hits / len(reference_ids) if reference_ids else float(exact)
         return Score(exact, {"token_accuracy": token_accuracy}, text=text, reason="" if exact else "text differs")
+
+    def strata(self, example) -> dict:
+        return {}
 
 
 SCORERS = {"sudoku": SudokuScorer, "chat": CompletionScorer}

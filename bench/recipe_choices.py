@@ -1,0 +1,108 @@
+"""Benchmark: the sudoku4 recipe choices, each trained from the same base and scored on both 4x4 board sources.
+
+    python -m bench.recipe_choices [--only NAME ...] [--steps N] [--run-dir runs/recipe-choices] [--threads N]
+
+Each choice is a set of Hydra overrides on the default recipe; for each one this runs stage=base and stage=sft (its
+gate, with the sampler settings the recipe writes) into <run-dir>/<choice>/ and reads sft/verify.json. The table: training
+time, solve rate on the training generator's eval split (`pipeline`) and on the independent generator's boards
+(`independent`), the same at exactly 3 denoising steps, steps per block and tokens per forward. `--steps` runs every
+choice at that many optimiser steps (a proxy screen; the warm-up scales with it); the default is each choice's own.
+Prints a table and writes bench/results/recipe_choices.json. Timings move with other jobs on a shared CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from dg_pipeline.core.io import atomic_write_json, read_json
+from dg_pipeline.settings import compose
+
+RESULTS = Path(__file__).resolve().parent / "results" / "recipe_choices.json"
+console = Console(width=160)
+
+# The gate of every choice: no AR baseline or batch-1 speed pass (not compared here), a fixed-3-step sweep point.
+GATE = ["verify.ar_baseline=false", "verify.speed_examples=1", "verify.sweep_steps=[3]", "verify.sweep_examples=150",
+        "verify.plots=false"]
+# The previous default recipe (before issue 13), as overrides on today's.
+OLD = ["trainer.max_steps=1500", "trainer.batch_size=16", "trainer.lr=5e-3", "trainer.warmup_steps=50",
+       "data.n_train=20000", "data.min_clues=4", "data.max_clues=10", "objective.ar_loss_scope=response",
+       "objective.fill_token=pad", "verify.choose_steps=false"]
+# Measured choices (name -> overrides on today's default recipe); the default recipe itself is `default`.
+CHOICES: dict[str, list[str]] = {
+    "old": OLD,
+    "old+ar_scope=sequence": OLD + ["objective.ar_loss_scope=sequence"],
+    "default": [],
+}
+
+
+def run_choice(name: str, overrides: list[str], run_dir: Path, steps: int | None) -> dict:
+    from dg_pipeline.stages import base as base_stage
+    from dg_pipeline.stages import sft as sft_stage
+
+    extra = [f"trainer.max_steps={steps}", f"trainer.warmup_steps={max(1, steps // 30)}"] if steps else []
+    cfg = compose([f"run_dir={run_dir}", "force=true", "device=cpu", "logger=none", "trainer.progress_bar=none",
+                   *GATE, *overrides, *extra])
+    base_stage.run(cfg)
+    started = time.perf_counter()
+    record = sft_stage.run(cfg)
+    training = read_json(run_dir / "sft" / "training.json")
+    fixed3 = next((p for p in record["sweep"] if p["max_denoising_steps"] == 3), None)
+    return {
+        "choice": name,
+        "overrides": overrides + extra,
+        "steps": training["steps"],
+        "train_seconds": training["wall_seconds"],
+        "stage_seconds": time.perf_counter() - started,
+        "solved": {s: c["accuracy"] for s, c in record["by_source"].items()},
+        "solved_by_clues": {s: {k: c["accuracy"] for k, c in v.items()}
+                            for s, v in record["by_stratum"]["clues"].items()},
+        "solved_fixed3": fixed3["by_source"] if fixed3 else None,
+        "max_denoising_steps": record["sampler"]["max_denoising_steps"],
+        "mean_denoising_steps": record["mean_denoising_steps"],
+        "tokens_per_forward": record["tokens_per_forward"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", default=None, help=f"choices to run (default all: {', '.join(CHOICES)})")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps for every choice (proxy screen)")
+    parser.add_argument("--run-dir", default="runs/recipe-choices")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    unknown = sorted(set(args.only or []) - set(CHOICES))
+    if unknown:
+        parser.error(f"unknown choice(s) {unknown}; known: {', '.join(CHOICES)}")
+    rows = [run_choice(name, CHOICES[name], Path(args.run_dir).resolve() / name.replace("=", "-").replace("+", "_"),
+                       args.steps)
+            for name in (args.only or CHOICES)]
+
+    machine = f"{platform.machine()} CPU, {torch.get_num_threads()} torch threads ({os.cpu_count()} cores visible)"
+    table = Table(title=f"sudoku4 recipe choices ({machine})")
+    for column in ("choice", "steps", "train s", "pipeline", "independent", "pipeline @3", "indep. @3",
+                   "max steps", "steps/blk", "tok/fwd"):
+        table.add_column(column, justify="left" if column == "choice" else "right")
+    for r in rows:
+        f3 = r["solved_fixed3"] or {}
+        table.add_row(r["choice"], str(r["steps"]), f"{r['train_seconds']:.0f}", f"{r['solved'].get('pipeline', 0):.3f}",
+                      f"{r['solved'].get('independent', 0):.3f}", f"{f3.get('pipeline', 0):.3f}",
+                      f"{f3.get('independent', 0):.3f}", str(r["max_denoising_steps"]),
+                      f"{r['mean_denoising_steps']:.2f}", f"{r['tokens_per_forward']:.2f}")
+    console.print(table)
+    atomic_write_json(RESULTS, {"benchmark": "recipe_choices", "machine": machine, "rows": rows})
+    console.print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
