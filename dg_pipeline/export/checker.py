@@ -48,9 +48,9 @@ from dg_pipeline.export.formats import (
     keep_unquantized_reason,
     matches_module,
     quantized_format,
-    shared_input_group,
     split_leaf,
 )
+from dg_pipeline.model.vllm_contract import fused_group
 
 REEXPORT = "re-export with `python -m dg_pipeline stage=export input=<quantize dir>`"
 
@@ -500,7 +500,7 @@ def _check_shared_input_scales(tensors: CheckpointTensors, modules: dict) -> lis
     for module, leaves in modules.items():
         if quantized_format(leaves) is not NVFP4:
             continue
-        group = shared_input_group(module)
+        group = fused_group(module)
         if group is None:
             continue
         key, label = group

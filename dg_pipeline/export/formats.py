@@ -18,8 +18,8 @@ from safetensors import safe_open
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import read_json
+from dg_pipeline.model.vllm_contract import ARCHITECTURE
 
-ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_SAFETENSORS = "model.safetensors"
 # Written by the export stage; the checker and the reload read them.
@@ -30,7 +30,10 @@ GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model")
 TOKENIZER_CONFIG = "tokenizer_config.json"
 
-# The generation_config.json keys vLLM's DiffusionGemma model state reads (it indexes most of them directly).
+# The generation_config.json keys vLLM's DiffusionGemma model state reads (it indexes most of them directly):
+# diffusion_gemma.py DiffusionGemmaModelState.__init__ (max_denoising_steps, default 48; stability_threshold,
+# indexed) and .custom_sampler (sampler_config._cls_name containing "EntropyBound" and entropy_bound > 0, else
+# ValueError; t_min, t_max, confidence_threshold, indexed); eos_token_id: vLLM's stop ids.
 SAMPLER_KEYS = ("max_denoising_steps", "sampler_config", "t_min", "t_max", "stability_threshold",
                 "confidence_threshold", "eos_token_id")
 
@@ -72,12 +75,8 @@ KEEP_UNQUANTIZED: tuple[tuple[str, str], ...] = (
     ("*.embed_tokens", "embeddings are tied to lm_head and stay unquantized"),
 )
 
-# Linears that read the same input: loaders fuse them (qkv_proj, gate_up_proj) and TensorRT-LLM asserts that their
-# NVFP4 input_scale and weight_scale_2 are identical.
-SHARED_INPUT_GROUPS = (
-    (re.compile(r"^(?P<parent>.+\.self_attn)\.(?P<member>q_proj|k_proj|v_proj)$"), "q/k/v"),
-    (re.compile(r"^(?P<parent>.+\.(?:mlp|self_conditioning|experts\.\d+))\.(?P<member>gate_proj|up_proj)$"), "gate/up"),
-)
+# Linears that read the same input are fused by the loaders (dg_pipeline.model.vllm_contract.fused_group); TensorRT-LLM
+# asserts that their NVFP4 input_scale and weight_scale_2 are identical.
 SHARED_SCALE_LEAVES = ("input_scale", "weight_scale_2")
 
 # Tied weights: the encoder's text backbone IS the decoder's; the export stores the decoder's names only
@@ -116,15 +115,6 @@ def keep_unquantized_reason(module: str) -> str | None:
     for pattern, reason in KEEP_UNQUANTIZED:
         if fnmatch.fnmatchcase(module, pattern) or fnmatch.fnmatchcase(module, pattern + ".*"):
             return reason
-    return None
-
-
-def shared_input_group(module: str) -> tuple[str, str] | None:
-    """(group key, group label) of a linear that shares its input with siblings, else None."""
-    for pattern, label in SHARED_INPUT_GROUPS:
-        m = pattern.match(module)
-        if m:
-            return f"{m['parent']} ({label})", label
     return None
 
 
