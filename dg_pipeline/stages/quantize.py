@@ -178,6 +178,7 @@ def quant_record(cfg, recipe, input_dir: Path, calib_settings: dict, result, err
         "quantizers": result.quantizers,
         "experts": result.experts,
         "tied": result.tied,
+        "fused": result.fused,
         "logits_error": error,
         "logits_relative_error": error["logits_relative_error"],
         "max_accuracy_drop": cfg.quant.get("max_accuracy_drop"),
