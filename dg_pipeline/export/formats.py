@@ -225,7 +225,28 @@ def quantized_format(leaves: dict[str, StoredTensor]) -> LinearFormat | None:
     return None
 
 
+def effective_quantization(qc: dict) -> dict:
+    """config.json's quantization_config read as vLLM's ModelOpt config reads it (modelopt.py from_config): the
+    nested hf_quant_config form, or the flat form (`ignore`, `kv_cache_scheme` {type float, num_bits 8} = FP8)."""
+    if isinstance(qc.get("quantization"), dict):
+        return dict(qc["quantization"])
+    scheme = qc.get("kv_cache_scheme")
+    fp8_kv = isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8
+    return {
+        "quant_algo": qc.get("quant_algo"),
+        "kv_cache_quant_algo": "FP8" if fp8_kv else None,
+        "exclude_modules": qc.get("ignore") if "ignore" in qc else [],
+        "group_size": qc.get("group_size"),
+    }
+
+
 def read_quant_config(export_dir: str | Path) -> dict | None:
-    """hf_quant_config.json's `quantization` block, or None for an unquantized export."""
-    path = Path(export_dir) / HF_QUANT_CONFIG
+    """The quantization settings vLLM reads (config.json's quantization_config, else hf_quant_config.json's
+    `quantization` block), or None for an unquantized checkpoint."""
+    export_dir = Path(export_dir)
+    config = export_dir / "config.json"
+    qc = read_json(config).get("quantization_config") if config.exists() else None
+    if isinstance(qc, dict):
+        return effective_quantization(qc)
+    path = export_dir / HF_QUANT_CONFIG
     return read_json(path).get("quantization") if path.exists() else None

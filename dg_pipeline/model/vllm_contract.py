@@ -17,6 +17,7 @@ DiffusionGemmaTextConfig derives the full-attention head shape from `global_head
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -281,6 +282,54 @@ def fused_group(module: str) -> tuple[str, str] | None:
     return None
 
 
+# ------------------------------------------------------------------------------------- serving constraints
+
+
+# Request parameters vLLM refuses for a diffusion model (sampling_params.py _validate_diffusion): temperature must be
+# 1.0 (the sampler runs its own t_max -> t_min schedule from generation_config.json); penalties are ignored.
+REFUSED_REQUEST_PARAMS = ("temperature != 1.0", "min_p", "seed", "min_tokens", "logit_bias", "bad_words",
+                          "allowed_token_ids", "structured outputs")
+IGNORED_REQUEST_PARAMS = ("repetition_penalty", "frequency_penalty", "presence_penalty")
+# vLLM's --max-num-seqs default for DiffusionGemma (models/config.py DiffusionGemmaModelForBlockDiffusionConfig).
+DEFAULT_MAX_NUM_SEQS = 8
+# fp32 [canvas, vocab] tensors per decoding sequence at a denoising step: the soft-capped logits (compute_logits)
+# plus the three copies DiffusionSampler.__call__ reserves per sequence of a tile (`W * vocab * 4 * 3`). They are
+# not in vLLM's memory profile (the profiling run samples no canvas), so they must fit beside the KV cache.
+SAMPLER_FP32_COPIES = 4
+
+
+def sampler_bytes_per_sequence(canvas_length: int, vocab_size: int) -> int:
+    """Transient bytes one decoding sequence needs in vLLM's diffusion sampler: canvas x vocab x 4 B x copies."""
+    return canvas_length * vocab_size * 4 * SAMPLER_FP32_COPIES
+
+
+# ------------------------------------------------------------------------------ what the loader never quantizes
+
+
+# Stored-name patterns of modules vLLM builds without a quantized method whatever the exclude list says (modelopt.py
+# get_quant_method quantizes LinearBase / ParallelLMHead / RoutedExperts only), so a checkpoint need not list them.
+ENGINE_NEVER_QUANTIZES: tuple[tuple[str, str], ...] = (
+    ("*.embed_tokens", "an embedding (VocabParallelEmbedding): ModelOpt quantizes linears only (modelopt.py)"),
+    ("*.router*", f"the router's GateLinear is built without a quant config ({G4} Gemma4Router)"),
+    ("*.self_conditioning*", f"the self-conditioning MLP is plain nn.Linear ({DG})"),
+    ("*.vision_tower*", "vision_tower prefixes are always unquantized (modelopt.py get_quant_method)"),
+)
+_EMBED_VISION = "*.embed_vision*"
+
+
+def engine_quantizes(module: str, config: dict) -> bool:
+    """Whether vLLM would build the stored module `module` as a quantized linear unless an exclude entry matches it.
+    The vision projection (embed_vision) gets the tower's quant config only when the tower's widths are multiples
+    of 64 (diffusion_gemma.py)."""
+    for pattern, _ in ENGINE_NEVER_QUANTIZES:
+        if fnmatch.fnmatchcase(module, pattern) or fnmatch.fnmatchcase(module, pattern + ".*"):
+            return False
+    if fnmatch.fnmatchcase(module, _EMBED_VISION):
+        vision = config.get("vision_config") or {}
+        return all(isinstance(vision.get(k), int) and vision[k] % 64 == 0 for k in ("hidden_size", "intermediate_size"))
+    return True
+
+
 # --------------------------------------------------------------------------------------- the name mapping
 
 
@@ -337,15 +386,22 @@ def vllm_targets(name: str, layer_types: list[str], num_experts: int) -> list[Vl
 
 __all__ = [
     "ARCHITECTURE",
+    "DEFAULT_MAX_NUM_SEQS",
+    "IGNORED_REQUEST_PARAMS",
+    "REFUSED_REQUEST_PARAMS",
+    "SAMPLER_FP32_COPIES",
     "CONFIG_READS",
+    "ENGINE_NEVER_QUANTIZES",
     "EngineRead",
     "FUSED_GROUPS",
     "GEMMA4_DEFAULT_OUTPUT_LENGTH",
     "IMAGE_SOFT_TOKEN_BUDGETS",
     "VllmTarget",
     "complete_engine_attributes",
+    "engine_quantizes",
     "engine_read_problems",
     "fused_group",
     "lookup",
+    "sampler_bytes_per_sequence",
     "vllm_targets",
 ]
