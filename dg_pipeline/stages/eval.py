@@ -1,12 +1,15 @@
 """Stage `eval`: run the verification gate on a model dir -> <run_dir>/eval/verify.json (+ predictions, plots).
 
-    python -m dg_pipeline stage=eval [input=<model dir>] [data.eval_path=<file>] run_dir=<dir>
+    python -m dg_pipeline stage=eval [input=<dir>] [data.eval_path=<file>] run_dir=<dir>
 
-- model: `input=`, else <run_dir>/sft/model;
+- model: `input=`, else <run_dir>/sft/model. Any dir the pipeline writes (dg_pipeline.export.load_for_eval): a model
+  dir, a quantize output (fake-quantized, as its gate ran it) or an export of any format (FP8, NVFP4, NVFP4
+  experts-only: weights dequantized; bf16), its manifest verified first where it has one;
 - examples: data.eval_path (Kaggle CSV / board JSONL for data.kind=sudoku, prompt/completion or messages JSONL
   for data.kind=chat; the first verify.n_eval / data.n_eval rows), else the run's eval split (load_splits:
   generated boards under <run_dir>/data/, reused when they exist);
-- reference: the verify.json next to the model dir (e.g. <run_dir>/sft/verify.json) when there is one, so
+- reference: the dir's own verify.json (a quantize output, an export) or the one next to it (e.g.
+  <run_dir>/sft/verify.json for <run_dir>/sft/model) when there is one, so
   verify.max_accuracy_drop can hold an evaluation to its training-time gate; verify.reference overrides it.
 A failed check raises GateFailed after verify.json is written (the entry point exits 1).
 """
@@ -20,7 +23,7 @@ from rich.console import Console
 
 from dg_pipeline.core import RunDir, read_json
 from dg_pipeline.data import chat_examples, load_splits, read_boards, read_chat_jsonl, sudoku_examples
-from dg_pipeline.model.io import load_model
+from dg_pipeline.export import load_for_eval
 from dg_pipeline.stages.base import resolve_device
 from dg_pipeline.verify import run_gate
 
@@ -33,10 +36,12 @@ def run(cfg: DictConfig) -> dict:
     input_dir = rd.resolve_input(STAGE, cfg.get("input"))
     device = resolve_device(str(cfg.get("device", "auto")))
     with console.status(f"eval: loading {input_dir}"):
-        model, tokenizer = load_model(input_dir, dtype=str(cfg.model.dtype), device=device)
-    examples = eval_examples(cfg, tokenizer, rd)
-    console.print(f"[bold]eval[/]: {len(examples)} examples, model {input_dir} on {device}")
-    return run_gate(model, tokenizer, examples, cfg, STAGE, input_dir, rd.stage(STAGE), reference=provider_record(input_dir))
+        loaded = load_for_eval(input_dir, dtype=str(cfg.model.dtype), device=device)
+    examples = eval_examples(cfg, loaded.tokenizer, rd)
+    console.print(f"[bold]eval[/]: {len(examples)} examples, {loaded.kind} {input_dir} on {device}")
+    reference = gate_record(input_dir / "verify.json") or provider_record(input_dir)
+    return run_gate(loaded.model, loaded.tokenizer, examples, cfg, STAGE, input_dir, rd.stage(STAGE),
+                    reference=reference, simulated=loaded.simulated, extra={"loaded_as": loaded.kind})
 
 
 def eval_examples(cfg: DictConfig, tokenizer, rd: RunDir) -> list:
