@@ -22,7 +22,12 @@ from dg_pipeline.quant.calibration import (
     diffusion_forward_loop,
     text_forward_loop,
 )
-from dg_pipeline.quant.experts import ExpertTokenCounter, apply_uncovered_expert_rule, coverage_report
+from dg_pipeline.quant.experts import (
+    ExpertTokenCounter,
+    apply_uncovered_expert_rule,
+    coverage_report,
+    uncovered_summary,
+)
 from dg_pipeline.quant.fused import share_fused_scales
 from dg_pipeline.quant.fp8_gemm import FP8Linear, fp8_gemm_supported, swap_in_fp8_gemms
 from dg_pipeline.quant.nvfp4_cpu import NVFP4_BACKEND, fake_quant_nvfp4, register_nvfp4_backend
@@ -61,6 +66,7 @@ __all__ = [
     "diffusion_forward_loop",
     "fake_quant_nvfp4",
     "share_fused_scales",
+    "uncovered_summary",
     "fold_weights_for_eval",
     "fp8_gemm_supported",
     "read_quant_record",

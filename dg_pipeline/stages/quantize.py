@@ -43,6 +43,7 @@ from dg_pipeline.quant import (
     save_quantized,
     swap_in_fp8_gemms,
     text_forward_loop,
+    uncovered_summary,
 )
 from dg_pipeline.stages.base import resolve_device
 from dg_pipeline.stages.eval import eval_examples, provider_record
@@ -213,9 +214,10 @@ def print_calibration(record: dict) -> None:
                   f"self-conditioned {err['self_conditioned_step']:.4f})")
     console.print(table)
     if experts["uncovered"]:
-        names = ", ".join(f"layer {u['layer']} expert {u['expert']}" for u in experts["uncovered"])
-        console.print(f"[yellow]warning[/]: {len(experts['uncovered'])} expert(s) saw no calibration token: {names}. "
-                      f"Rule applied: {experts['rule']}. More prompts (calib.n_samples) calibrate them on data.")
+        console.print(f"[yellow]warning[/]: {len(experts['uncovered'])} expert(s) saw no calibration token "
+                      f"(uncalibrated / experts per layer: {uncovered_summary(experts)}; every one is listed in "
+                      f"{QUANT_JSON} experts.uncovered). Rule applied: {experts['rule']}. More prompts "
+                      "(calib.n_samples) calibrate them on data.")
 
 
 def _write_quant_summary(model, out_dir: Path) -> None:
