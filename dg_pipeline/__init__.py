@@ -1,4 +1,4 @@
-"""dg_pipeline: base weights -> diffusion SFT -> ModelOpt FP8/NVFP4 -> vLLM/TensorRT-LLM export, gated at every stage."""
+"""dg_pipeline: base weights -> diffusion SFT -> ModelOpt FP8/NVFP4 -> a vLLM release bundle, gated at every stage."""
 
 # Registers the typed schema conf/config.yaml composes onto, for every entry point (CLI, tests, notebooks).
 import dg_pipeline.settings  # noqa: E402,F401

@@ -115,7 +115,7 @@ def test_a_quantized_lm_head_is_refused_and_must_be_excluded(fp8_export, tmp_pat
         "ignore", [m for m in d["quantization_config"]["ignore"] if m != "lm_head"]))
     found = violations_at(broken)
     assert "must stay unquantized: vLLM cannot load a quantized lm_head" in found["lm_head.weight"]
-    assert "lm_head is not listed" in found["hf_quant_config.json:exclude_modules"]
+    assert "lm_head is not listed" in found["config.json:quantization_config:exclude list"]
 
 
 def test_qkv_with_different_nvfp4_global_scales_is_reported_per_attention_block(nvfp4_export, tmp_path):
@@ -201,10 +201,18 @@ def test_kv_cache_scales_are_on_every_k_and_v_projection_or_none_and_only_with_a
     edit_tensors(broken, lambda t: t.pop(v_scale))
     assert "kv_cache_quant_algo is FP8 and other K/V projections" in violations_at(broken)[v_scale]
 
-    # scales without the algorithm: loaders would ignore them
+    # scales without the algorithm (in config.json, which vLLM reads, and hf_quant_config.json): ignored by loaders
     broken = broken_copy(kv_export, tmp_path / "b")
     edit_json(broken / "hf_quant_config.json", lambda d: d["quantization"].__setitem__("kv_cache_quant_algo", None))
-    assert "is null but the checkpoint stores" in violations_at(broken)["hf_quant_config.json:kv_cache_quant_algo"]
+    edit_json(broken / "config.json", lambda d: d["quantization_config"].pop("kv_cache_scheme"))
+    found = violations_at(broken)
+    assert "is null but the checkpoint stores" in found["config.json:quantization_config:KV-cache algorithm"]
+    assert set(found) == {"config.json:quantization_config:KV-cache algorithm"}
+
+    # the two files disagreeing: vLLM reads config.json, so the difference itself is the violation
+    broken = broken_copy(kv_export, tmp_path / "c")
+    edit_json(broken / "hf_quant_config.json", lambda d: d["quantization"].__setitem__("kv_cache_quant_algo", None))
+    assert "KV-cache algorithm 'FP8' differs from hf_quant_config.json's None" in violations_at(broken)["config.json"]
 
     # the algorithm without any scale is a cast (quant.kv_cache=fp8_cast, the experts-only recipe's): loadable
     cast_export = _export(tmp_path_factory, "nvfp4_experts_only", kv_cache="fp8_cast")

@@ -15,7 +15,7 @@ import modelopt.torch.quantization as mtq
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.data.tokenizer import build_board_tokenizer
 from dg_pipeline.export import export_quantized, export_unquantized, load_export, release_generation_config
-from dg_pipeline.export.formats import shared_input_group
+from dg_pipeline.model.vllm_contract import fused_group
 from dg_pipeline.export.sample import quantized_random_model
 from dg_pipeline.export.unified import decoder_config_isolated
 from dg_pipeline.model import build_model, untied_backbone_weights
@@ -65,8 +65,8 @@ def share_global_scales_of_shared_inputs(model) -> None:
     groups: dict[str, list] = {}
     for name, module in model.named_modules():
         q = getattr(module, "weight_quantizer", None)
-        if q is not None and q.is_enabled and shared_input_group(name):
-            groups.setdefault(shared_input_group(name)[0], []).append(q)
+        if q is not None and q.is_enabled and fused_group(name):
+            groups.setdefault(fused_group(name)[0], []).append(q)
     for quantizers in groups.values():
         amax = torch.stack([q.amax.float().reshape(()) for q in quantizers]).max()
         for q in quantizers:

@@ -19,6 +19,7 @@ from dg_pipeline.quant import (
     sync_tied_quantizers,
     text_forward_loop,
     tied_amax_mismatches,
+    uncovered_summary,
 )
 from dg_pipeline.quant.tied import tied_quantizer_pairs
 from dg_pipeline.sampling import SamplerConfig
@@ -115,6 +116,10 @@ def test_experts_a_tiny_calibration_set_cannot_reach_are_listed_and_calibrated_b
     uncovered = result.experts["uncovered"]
     assert uncovered and result.experts["coverage"] < 1.0
     assert {"layer", "expert", "encoder", "decoder"} <= set(uncovered[0])
+    # the console warning is one count per layer, not one name per expert (the names stay in quant.json)
+    per_layer = {layer: sum(u["layer"] == layer for u in uncovered) for layer in (0, 1)}
+    assert uncovered_summary(result.experts) == ", ".join(
+        f"layer {layer}: {n}/16" for layer, n in per_layer.items() if n)
     for u in uncovered:
         for stream in ("model.encoder.language_model", "model.decoder"):
             experts = model.get_submodule(f"{stream}.layers.{u['layer']}.experts")

@@ -83,8 +83,12 @@ def test_export_of_a_quantize_output_is_a_checked_reloadable_release(fp8_bundle,
 def test_the_model_card_has_provenance_gates_sampler_and_serve_commands(fp8_bundle):
     bundle, _ = fp8_bundle
     card = (bundle / "README.md").read_text()
-    assert "vllm serve <this dir> --diffusion-config '{\"canvas_length\": 32}' --generation-config <this dir>" in card
-    assert "trtllm-serve <this dir> --backend pytorch" in card
+    assert "vllm serve <this dir> --diffusion-config '{\"canvas_length\": 32}'\n" in card
+    assert "send `temperature` 1.0 or leave it out" in card and "ignores repetition_penalty" in card
+    # vLLM's sampler transients per sequence: canvas 32 x vocab 16 x 4 B x 4 fp32 copies
+    assert "32 x 16 x 4 B x 4 = **8.0 KiB per sequence**, 64.0 KiB at vLLM's default `--max-num-seqs 8`" in card
+    assert "(the published 26B-A4B, canvas 256 x vocab 262,144: 1.0 GiB per sequence)" in card
+    assert "TensorRT-LLM has no DiffusionGemma model yet" in card and "trtllm-serve" not in card
     assert "| quantize/fp8 (sim) |" in card and "| export/fp8 (sim) |" in card
     assert "| `max_denoising_steps` | 4 |" in card  # sampler.* overrides land in the release's generation config
     assert "| base weights | random init of the `tiny` shape (dg_pipeline.model.configs) |" in card
@@ -138,11 +142,18 @@ def test_check_stage_passes_a_good_bundle_and_lists_every_violation_of_a_bad_one
     assert re.search(r"generation_config\.json: (size \d+ bytes|sha256 differs)", message)
 
 
-def test_bf16_export_of_the_sft_model_is_an_unquantized_release(run_dir, stage_cfg):
+@pytest.fixture(scope="module")
+def bf16_bundle(run_dir, stage_cfg) -> tuple[Path, dict]:
     from dg_pipeline.stages import export
 
     summary = export.run(stage_cfg(run_dir, "stage=export", "export=bf16"))
-    bundle = run_dir / "export" / "bf16"
+    return run_dir / "export" / "bf16", summary
+
+
+def test_bf16_export_of_the_sft_model_is_an_unquantized_release(bf16_bundle, tmp_path):
+    import shutil
+
+    bundle, summary = bf16_bundle
     assert summary["quant_algo"] is None
     assert not (bundle / "hf_quant_config.json").exists()
     assert "quantization_config" not in json.loads((bundle / "config.json").read_text())
@@ -152,10 +163,62 @@ def test_bf16_export_of_the_sft_model_is_an_unquantized_release(run_dir, stage_c
     from dg_pipeline.model import load_model
 
     load_model(bundle)
-    config = json.loads((bundle / "config.json").read_text())
-    (bundle / "config.json").write_text(json.dumps({**config, "canvas_length": 8}))
+    tampered = tmp_path / "bf16"
+    shutil.copytree(bundle, tampered)
+    config = json.loads((tampered / "config.json").read_text())
+    (tampered / "config.json").write_text(json.dumps({**config, "canvas_length": 8}))
     with pytest.raises(InputError, match=r"config\.json"):
-        load_model(bundle)
+        load_model(tampered)
+
+
+@pytest.fixture(scope="module")
+def nvfp4_bundles(tmp_path_factory) -> dict[str, Path]:
+    """NVFP4 and NVFP4 experts-only releases of a tiny calibrated model (the stage's writer + manifest, no gate)."""
+    from dg_pipeline.export import export_quantized, release_generation_config, write_manifest
+    from dg_pipeline.export.sample import quantized_random_model
+
+    tokenizer = build_board_tokenizer()
+    out = {}
+    for quant in ("nvfp4", "nvfp4_experts_only"):
+        path = tmp_path_factory.mktemp("bundles") / quant
+        path.mkdir()
+        model = quantized_random_model("tiny", quant, tokenizer, 32)
+        export_quantized(model, tokenizer, path, release_generation_config(model, tokenizer))
+        write_manifest(path)
+        out[quant] = path
+    return out
+
+
+@pytest.mark.parametrize("kind", ["model dir", "quantize output", "fp8", "nvfp4", "nvfp4_experts_only", "bf16"])
+def test_eval_accepts_a_model_dir_a_quantize_output_and_every_export_format(
+    kind, run_dir, fp8_bundle, bf16_bundle, nvfp4_bundles, stage_cfg, tmp_path
+):
+    from dg_pipeline.stages import eval as eval_stage
+
+    dirs = {"model dir": run_dir / "sft" / "model", "quantize output": run_dir / "quantize" / "fp8",
+            "fp8": fp8_bundle[0], "bf16": bf16_bundle[0], **nvfp4_bundles}
+    record = eval_stage.run(stage_cfg(tmp_path, "stage=eval", f"input={dirs[kind]}"))
+    assert record["n_eval"] == 4 and record["metric"] == "solved"
+    loaded_as = json.loads((tmp_path / "eval" / "verify.json").read_text())["loaded_as"]
+    expected = {"model dir": "model dir", "quantize output": "quantize output (fp8, fake-quantized)",
+                "fp8": "FP8 export", "nvfp4": "NVFP4 export", "nvfp4_experts_only": "NVFP4 export", "bf16": "model dir"}
+    assert loaded_as.startswith(expected[kind])
+    if kind in ("fp8", "nvfp4"):
+        assert "manifest verified" in loaded_as
+    if kind in ("fp8", "quantize output"):  # its own gate record (verify.json inside the dir) is the reference
+        assert record["reference"]["path"] == str(dirs[kind] / "verify.json")
+
+
+def test_eval_of_a_tampered_bundle_is_refused_before_loading(fp8_bundle, stage_cfg, tmp_path):
+    import shutil
+
+    from dg_pipeline.stages import eval as eval_stage
+
+    tampered = tmp_path / "fp8"
+    shutil.copytree(fp8_bundle[0], tampered)
+    (tampered / "tokenizer_config.json").write_text((tampered / "tokenizer_config.json").read_text() + " ")
+    with pytest.raises(InputError, match=r"tokenizer_config\.json: size .* manifest\.json"):
+        eval_stage.run(stage_cfg(tmp_path / "run", "stage=eval", f"input={tampered}"))
 
 
 def test_an_hf_export_is_named_after_its_quantize_input_not_the_composed_quant_group(stage_cfg, tmp_path):
@@ -172,44 +235,38 @@ def test_an_hf_export_is_named_after_its_quantize_input_not_the_composed_quant_g
         tmp_path / "export" / "nvfp4-text", "nvfp4-text", ("quantize", "nvfp4-text"))  # W&B lineage too
 
 
-SERVERS = {"serve_vllm.sh": "vllm", "serve_trtllm.sh": "trtllm-serve"}
-
-
-def serve(script: str, bundle: Path, tmp_path: Path, *args: str):
-    """Run export/<script> with a stand-in server binary first on PATH that records its argv (vLLM and TensorRT-LLM
-    are GPU servers, not test dependencies: what is checked here is the command line the script hands them)."""
+def serve(bundle: Path, tmp_path: Path, *args: str):
+    """Run export/serve_vllm.sh with a stand-in `vllm` first on PATH that records its argv (vLLM is a GPU server,
+    not a test dependency: what is checked here is the command line the script hands it)."""
     import os
     import subprocess
     import sys
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    stand_in = bin_dir / SERVERS[script]
+    stand_in = bin_dir / "vllm"
     stand_in.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$SERVED_ARGS"\n')
     stand_in.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
            "SERVED_ARGS": str(tmp_path / "argv"), "WANDB_MODE": "offline"}
-    script_path = Path(__file__).resolve().parents[1] / "export" / script
+    script_path = Path(__file__).resolve().parents[1] / "export" / "serve_vllm.sh"
     done = subprocess.run(["bash", str(script_path), str(bundle), *args], env=env, capture_output=True, text=True)
     argv = (tmp_path / "argv").read_text().splitlines() if (tmp_path / "argv").exists() else None
     return done, argv
 
 
-def test_serve_scripts_check_the_bundle_then_start_the_server_with_the_model_cards_arguments(fp8_bundle, tmp_path):
+def test_the_serve_script_checks_the_bundle_then_starts_vllm_with_the_model_cards_arguments(fp8_bundle, tmp_path):
     bundle, _ = fp8_bundle
-    done, argv = serve("serve_vllm.sh", bundle, tmp_path, "--port", "8001")
+    done, argv = serve(bundle, tmp_path, "--port", "8001")
     assert done.returncode == 0, done.stderr
-    assert argv == ["serve", str(bundle), "--diffusion-config", '{"canvas_length": 32}',
-                    "--generation-config", str(bundle), "--port", "8001"]
-    assert "loader" in done.stdout and "PASS" in done.stdout
-
-    (tmp_path / "trt").mkdir()
-    done, argv = serve("serve_trtllm.sh", bundle, tmp_path / "trt")
-    assert done.returncode == 0, done.stderr
-    assert argv == [str(bundle), "--backend", "pytorch"]
+    # only what vLLM 0.32 reads: the bundle (generation_config.json by default) and the canvas length
+    assert argv == ["serve", str(bundle), "--diffusion-config", '{"canvas_length": 32}', "--port", "8001"]
+    assert "PASS" in done.stdout
+    assert "vllm serve <this dir> --diffusion-config '{\"canvas_length\": 32}'" in (bundle / "README.md").read_text()
+    assert not (Path(__file__).resolve().parents[1] / "export" / "serve_trtllm.sh").exists()
 
 
-def test_serve_scripts_refuse_a_tampered_bundle_and_a_missing_dir(fp8_bundle, tmp_path):
+def test_the_serve_script_refuses_a_tampered_bundle_and_a_missing_dir(fp8_bundle, tmp_path):
     import shutil
 
     bundle, _ = fp8_bundle
@@ -218,10 +275,10 @@ def test_serve_scripts_refuse_a_tampered_bundle_and_a_missing_dir(fp8_bundle, tm
     config = json.loads((tampered / "generation_config.json").read_text())
     config["max_denoising_steps"] = 1
     (tampered / "generation_config.json").write_text(json.dumps(config))
-    done, argv = serve("serve_vllm.sh", tampered, tmp_path)
+    done, argv = serve(tampered, tmp_path)
     assert done.returncode != 0 and argv is None  # the server never started
     assert "generation_config.json" in done.stdout + done.stderr
 
-    done, argv = serve("serve_trtllm.sh", tmp_path / "no_such_dir", tmp_path)
+    done, argv = serve(tmp_path / "no_such_dir", tmp_path)
     assert done.returncode == 2 and argv is None
     assert "usage:" in done.stderr and "<export dir>" in done.stderr

@@ -1,18 +1,23 @@
-"""The loader-rule checker: what vLLM and TensorRT-LLM require of an exported DiffusionGemma directory.
+"""The loader-rule checker: what vLLM requires of a DiffusionGemma checkpoint dir at start-up and load (plus
+TensorRT-LLM's NVFP4 loading rules, kept for when it has a DiffusionGemma model).
 
 `check_export(dir)` applies every rule and returns EVERY violation (tensor or file, the rule, the fix), so one run
 shows all that is wrong. The rules (export/FORMAT.md lists them for people):
 
-files       config.json (architectures), hf_quant_config.json + config.json quantization_config (quant_method
-            modelopt*, upper-case quant_algo, kv_cache_quant_algo, group_size for NVFP4, exclude_modules, both
-            files agreeing), generation_config.json (the sampler keys vLLM reads), tokenizer files, manifest.json
-            (when present: every sha256 matches)
+files       config.json: every attribute vLLM reads at start-up and load, present and right
+            (dg_pipeline.model.vllm_contract.CONFIG_READS, with the vLLM source of each); config.json
+            quantization_config (quant_method modelopt*, upper-case quant_algo; nested form: kv_cache_quant_algo,
+            group_size 16 for NVFP4, exclude_modules; flat form: ignore, kv_cache_scheme FP8) and, when present,
+            hf_quant_config.json agreeing with it; generation_config.json (the sampler keys vLLM reads),
+            tokenizer files, manifest.json (when present: every sha256 matches)
 tensors     every tensor of the architecture present with its shape; a quantized linear has all its tensors with
             the format's dtypes and shapes and positive finite scales; experts are per-expert tensors when
-            quantized; router, self-conditioning, vision tower, embeddings and lm_head unquantized and excluded;
-            every other unquantized linear excluded; linears sharing an input share NVFP4 input_scale and
-            weight_scale_2; tied encoder/decoder weights stored once, under model.decoder.*; KV-cache scales
-            (float32 scalars) only with kv_cache_quant_algo, and then on all K/V projections or none (a cast)
+            quantized; router, self-conditioning, vision tower, embeddings and lm_head unquantized; lm_head and
+            every unquantized linear the loader would quantize matched by the exclude list (embeddings, routers,
+            self-conditioning and the vision tower it never quantizes); linears the loaders fuse stored in one
+            format, and for NVFP4 with one input_scale and weight_scale_2; tied encoder/decoder weights stored
+            once, under model.decoder.*; KV-cache scales (float32 scalars) only with a KV-cache algorithm, and then
+            on all K/V projections or none (a cast)
 """
 
 from __future__ import annotations
@@ -28,7 +33,6 @@ import torch
 from dg_pipeline.core.errors import InputError, PipelineError
 from dg_pipeline.core.manifest import MANIFEST, manifest_problems
 from dg_pipeline.export.formats import (
-    ARCHITECTURE,
     DECODER_PREFIX,
     ENCODER_TEXT_PREFIX,
     FORMAT_BY_WEIGHT_DTYPE,
@@ -45,14 +49,17 @@ from dg_pipeline.export.formats import (
     LinearFormat,
     StoredTensor,
     canonical_tied_name,
+    effective_quantization,
     keep_unquantized_reason,
     matches_module,
     quantized_format,
-    shared_input_group,
     split_leaf,
 )
+from dg_pipeline.model.vllm_contract import engine_quantizes, engine_read_problems, fused_group
 
 REEXPORT = "re-export with `python -m dg_pipeline stage=export input=<quantize dir>`"
+# Where the quantization settings the tensors are checked against come from (vLLM reads this block first).
+QUANT_CONFIG_WHERE = "config.json:quantization_config"
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ class CheckFailed(PipelineError):
 
 
 def check_export(export_dir: str | Path) -> list[Violation]:
-    """Every loader-rule violation of an exported directory (empty list = vLLM/TensorRT-LLM can load it)."""
+    """Every loader-rule violation of an exported directory (empty list = vLLM starts on it and loads it)."""
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise InputError(f"input={export_dir}: not a directory; point input= at an exported checkpoint dir")
@@ -120,66 +127,96 @@ def _read_json_file(export_dir: Path, name: str, out: list[Violation]) -> dict |
 
 
 def check_config(config: dict) -> list[Violation]:
+    """Every config.json attribute vLLM reads at start-up and load (dg_pipeline.model.vllm_contract.CONFIG_READS):
+    present where it is read without a usable default, and with a value a DiffusionGemma can have."""
     out = []
-    if config.get("architectures") != [ARCHITECTURE]:
-        out.append(Violation(
-            "config.json", f"architectures is {config.get('architectures')!r}, loaders dispatch on [\"{ARCHITECTURE}\"]",
-            f'set "architectures": ["{ARCHITECTURE}"]',
-        ))
-    if not config.get("canvas_length"):
-        out.append(Violation("config.json", "no canvas_length (the block length the decoder was trained on)",
-                             "set canvas_length to the model's canvas length"))
-    tie = (config.get("text_config") or {}).get("tie_word_embeddings", config.get("tie_word_embeddings", True))
-    if tie is False:
-        out.append(Violation("config.json", "tie_word_embeddings=false, but lm_head is the embedding table",
-                             "set text_config.tie_word_embeddings=true"))
+    for read, problem in engine_read_problems(config):
+        if read.written_by_writer:
+            fix = f"set it to {read.fill!r} (what stage=export writes: the Gemma 4 / DiffusionGemma value)"
+        elif problem == "missing":
+            fix = "write it into config.json (a model saved by this pipeline carries it; re-export)"
+        else:
+            fix = "correct it in config.json to the model's value (the tensors were built with it); re-export"
+        out.append(Violation(f"config.json:{read.path}", f"{problem} (vLLM reads it: {read.source})", fix))
     return out
 
 
 def check_quant_configs(export_dir: Path, config: dict, out: list[Violation]) -> dict | None:
-    """Checks hf_quant_config.json and config.json's quantization_config; returns the `quantization` block."""
+    """Checks config.json's quantization_config (what vLLM reads) and hf_quant_config.json (its fallback file, when
+    present: it must agree); returns the effective `quantization` block (quant_algo, kv_cache_quant_algo,
+    exclude_modules, group_size) the tensor rules check against, or None for an unquantized checkpoint."""
     qc = config.get("quantization_config")
     hf_path = export_dir / HF_QUANT_CONFIG
     if not hf_path.exists() and qc is None:
         return None  # an unquantized export; check_tensors flags quantized tensors without a config
-    hf = _read_json_file(export_dir, HF_QUANT_CONFIG, out)
-    quant = (hf or {}).get("quantization")
-    if hf is not None:
-        producer = hf.get("producer") or {}
-        if not producer.get("name") or not producer.get("version"):
-            out.append(Violation(HF_QUANT_CONFIG, "no producer {name, version}", REEXPORT))
-        if not isinstance(quant, dict):
-            out.append(Violation(HF_QUANT_CONFIG, "no `quantization` block", REEXPORT))
-            quant = None
-    if quant is not None:
-        out += _check_quantization_block(quant)
+    file_quant = None
+    if hf_path.exists():
+        hf = _read_json_file(export_dir, HF_QUANT_CONFIG, out)
+        file_quant = (hf or {}).get("quantization")
+        if hf is not None:
+            producer = hf.get("producer") or {}
+            if not producer.get("name") or not producer.get("version"):
+                out.append(Violation(HF_QUANT_CONFIG, "no producer {name, version}", REEXPORT))
+            if not isinstance(file_quant, dict):
+                out.append(Violation(HF_QUANT_CONFIG, "no `quantization` block", REEXPORT))
+                file_quant = None
+        if file_quant is not None:
+            out += _check_quantization_block(file_quant, HF_QUANT_CONFIG)
     if qc is None:
         out.append(Violation("config.json", "no quantization_config (vLLM reads it before hf_quant_config.json)",
                              "embed hf_quant_config.json's settings as config.json quantization_config; " + REEXPORT))
+        return file_quant
+    method = str(qc.get("quant_method", ""))
+    if not method.startswith("modelopt"):
+        out.append(Violation("config.json", f"quantization_config.quant_method is {method!r}; vLLM needs modelopt*",
+                             'set "quant_method": "modelopt"'))
+    quant = effective_quantization(qc)
+    if "quantization" in qc:
+        out += _check_quantization_block(quant, "config.json:quantization_config.quantization")
     else:
-        method = str(qc.get("quant_method", ""))
-        if not method.startswith("modelopt"):
-            out.append(Violation("config.json", f"quantization_config.quant_method is {method!r}; vLLM needs modelopt*",
-                                 'set "quant_method": "modelopt"'))
-        algo = qc.get("quant_algo")
-        if not isinstance(algo, str) or algo != algo.upper():
-            out.append(Violation("config.json", f"quantization_config.quant_algo {algo!r} is not upper-case",
-                                 "write it upper-case (FP8, NVFP4)"))
-        if quant is not None:
-            if algo != quant.get("quant_algo"):
-                out.append(Violation("config.json", f"quantization_config.quant_algo {algo!r} differs from "
-                                     f"{HF_QUANT_CONFIG}'s {quant.get('quant_algo')!r}", REEXPORT))
-            ignore = qc.get("ignore", qc.get("exclude_modules"))
-            if ignore is not None and sorted(ignore) != sorted(quant.get("exclude_modules") or []):
-                out.append(Violation("config.json", f"quantization_config.ignore differs from {HF_QUANT_CONFIG} "
-                                     "exclude_modules (vLLM reads config.json first)",
-                                     "make both lists identical; " + REEXPORT))
+        out += _check_flat_quantization_config(qc)
+    if file_quant is not None:
+        for key, label in (("quant_algo", "quant_algo"), ("kv_cache_quant_algo", "KV-cache algorithm")):
+            if quant.get(key) != file_quant.get(key):
+                out.append(Violation("config.json", f"quantization_config's {label} {quant.get(key)!r} differs from "
+                                     f"{HF_QUANT_CONFIG}'s {file_quant.get(key)!r} (vLLM reads config.json)", REEXPORT))
+        if sorted(quant.get("exclude_modules") or []) != sorted(file_quant.get("exclude_modules") or []):
+            out.append(Violation("config.json", f"quantization_config.ignore differs from {HF_QUANT_CONFIG} "
+                                 "exclude_modules (vLLM reads config.json first)",
+                                 "make both lists identical; " + REEXPORT))
     return quant
 
 
-def _check_quantization_block(quant: dict) -> list[Violation]:
+def _check_flat_quantization_config(qc: dict) -> list[Violation]:
+    where = "config.json:quantization_config"
     out = []
-    where = f"{HF_QUANT_CONFIG}"
+    algo = qc.get("quant_algo")
+    if not isinstance(algo, str) or not algo or algo != algo.upper():
+        out.append(Violation(where, f"quant_algo {algo!r} is not an upper-case algorithm name",
+                             "write it upper-case (FP8, NVFP4)"))
+    if "ignore" in qc and not isinstance(qc["ignore"], list):
+        out.append(Violation(where, f"ignore must be a list of module patterns, found {qc['ignore']!r}", REEXPORT))
+    scheme = qc.get("kv_cache_scheme")
+    if scheme is not None and not (isinstance(scheme, dict) and scheme.get("type") == "float"
+                                   and scheme.get("num_bits") == 8):
+        out.append(Violation(where, f"kv_cache_scheme {scheme!r} is not an FP8 scheme (type float, num_bits 8); "
+                             "vLLM would serve an unquantized KV cache", "use FP8 or drop kv_cache_scheme"))
+    if algo == "NVFP4":
+        sizes = {"group_size": qc.get("group_size")}
+        for name, group in (qc.get("config_groups") or {}).items():
+            for part in ("weights", "input_activations"):
+                if isinstance((group or {}).get(part), dict):
+                    sizes[f"config_groups.{name}.{part}.group_size"] = group[part].get("group_size")
+        for key, size in sizes.items():
+            if size is not None and size != NVFP4.group_size:
+                out.append(Violation(where, f"NVFP4 needs {key} {NVFP4.group_size}, found {size!r}",
+                                     f"set it to {NVFP4.group_size}"))
+    return out
+
+
+def _check_quantization_block(quant: dict, where: str) -> list[Violation]:
+    """The nested ModelOpt block (hf_quant_config.json `quantization`): vLLM requires every field listed here."""
+    out = []
     algo = quant.get("quant_algo")
     if not isinstance(algo, str) or not algo or algo != algo.upper():
         out.append(Violation(where, f"quant_algo {algo!r} is not an upper-case algorithm name",
@@ -311,12 +348,12 @@ def check_tensors(tensors: CheckpointTensors, config: dict, quant: dict | None) 
         if FUSED_EXPERTS.match(name) and stored.dtype in FORMAT_BY_WEIGHT_DTYPE:
             out.append(_fused_experts_violation(name))
             continue
-        out += _check_unquantized(stored, shape, leaves, quantized_export, exclude)
+        out += _check_unquantized(stored, shape, leaves, quantized_export, exclude, config)
     out += _check_stray_quantized(modules, accounted)
     out += _check_unexpected(tensors, accounted, modules)
     if quantized_export:
         if not matches_module("lm_head", exclude):
-            out.append(Violation(f"{HF_QUANT_CONFIG}:exclude_modules", "lm_head is not listed (vLLM cannot load a "
+            out.append(Violation(f"{QUANT_CONFIG_WHERE}:exclude list", "lm_head is not listed (vLLM cannot load a "
                                  "quantized lm_head)", 'add "lm_head"'))
         out += _check_shared_input_scales(tensors, modules)
         out += _check_kv_scales(tensors, modules, quant.get("kv_cache_quant_algo"))
@@ -428,7 +465,7 @@ def _check_scale_values(t: StoredTensor, value: torch.Tensor) -> list[Violation]
 
 def _check_unquantized(
     stored: StoredTensor, shape: tuple[int, ...], leaves: dict[str, StoredTensor], quantized_export: bool,
-    exclude: list[str],
+    exclude: list[str], config: dict,
 ) -> list[Violation]:
     out = []
     module, leaf = split_leaf(stored.name)
@@ -446,7 +483,7 @@ def _check_unquantized(
     is_linear = (leaf == "weight" and len(shape) == 2) or FUSED_EXPERTS.match(stored.name)
     if quantized_export and is_linear:
         owner = module if leaf == "weight" else split_leaf(stored.name)[0]
-        if not matches_module(owner, exclude):
+        if engine_quantizes(owner, config) and not matches_module(owner, exclude):
             reason = keep_unquantized_reason(owner)
             why = f" ({reason})" if reason else ""
             out.append(Violation(owner, f"unquantized but not in exclude_modules{why}: a loader will look for "
@@ -486,20 +523,29 @@ def _fused_experts_violation(name: str) -> Violation:
 
 
 def _check_shared_input_scales(tensors: CheckpointTensors, modules: dict) -> list[Violation]:
+    """Linears the loaders fuse (q/k/v, gate/up) are one tensor there: one format for all of them (vLLM refuses a
+    partly excluded fused layer), and for NVFP4 one input_scale and weight_scale_2 (TensorRT-LLM asserts it)."""
     groups: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    formats: dict[str, dict[str, str]] = {}
     labels: dict[str, str] = {}
     for module, leaves in modules.items():
-        if quantized_format(leaves) is not NVFP4:
-            continue
-        group = shared_input_group(module)
-        if group is None:
+        group = fused_group(module)
+        if group is None or "weight" not in leaves:
             continue
         key, label = group
         labels[key] = label
-        groups.setdefault(key, {})[module] = {
-            leaf: tensors.load(leaves[leaf].name).float() for leaf in SHARED_SCALE_LEAVES if leaf in leaves
-        }
+        fmt = quantized_format(leaves)
+        formats.setdefault(key, {})[module] = fmt.algo if fmt else "unquantized"
+        if fmt is NVFP4:
+            groups.setdefault(key, {})[module] = {
+                leaf: tensors.load(leaves[leaf].name).float() for leaf in SHARED_SCALE_LEAVES if leaf in leaves
+            }
     out = []
+    for key, members in sorted(formats.items()):
+        if len(set(members.values())) > 1:
+            listing = ", ".join(f"{m.rsplit('.', 1)[-1]}={f}" for m, f in sorted(members.items()))
+            out.append(Violation(key, f"{labels[key]} are fused into one GEMM by the loaders but stored in different "
+                                 f"formats ({listing})", "quantize all of them or exclude all of them; " + REEXPORT))
     for key, members in sorted(groups.items()):
         for leaf in SHARED_SCALE_LEAVES:
             values = {m: s[leaf] for m, s in members.items() if leaf in s}
@@ -530,7 +576,7 @@ def _check_kv_scales(tensors: CheckpointTensors, modules: dict, kv_algo: str | N
             else:
                 out += _check_scale_values(t, tensors.load(t.name))
     if kv_algo is None and present:
-        out.append(Violation(f"{HF_QUANT_CONFIG}:kv_cache_quant_algo", f"is null but the checkpoint stores "
+        out.append(Violation(f"{QUANT_CONFIG_WHERE}:KV-cache algorithm", f"is null but the checkpoint stores "
                              f"{len(present)} KV-cache scales (e.g. {min(present)}), which loaders then ignore",
                              'set "kv_cache_quant_algo": "FP8" (scales from a quant.kv_cache=fp8 calibration), or '
                              "re-export from a quantize dir with quant.kv_cache=none"))

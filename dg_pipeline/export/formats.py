@@ -18,8 +18,8 @@ from safetensors import safe_open
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import read_json
+from dg_pipeline.model.vllm_contract import ARCHITECTURE
 
-ARCHITECTURE = "DiffusionGemmaForBlockDiffusion"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_SAFETENSORS = "model.safetensors"
 # Written by the export stage; the checker and the reload read them.
@@ -67,12 +67,8 @@ KEEP_UNQUANTIZED: tuple[tuple[str, str], ...] = (
     ("*.embed_tokens", "embeddings are tied to lm_head and stay unquantized"),
 )
 
-# Linears that read the same input: loaders fuse them (qkv_proj, gate_up_proj) and TensorRT-LLM asserts that their
-# NVFP4 input_scale and weight_scale_2 are identical.
-SHARED_INPUT_GROUPS = (
-    (re.compile(r"^(?P<parent>.+\.self_attn)\.(?P<member>q_proj|k_proj|v_proj)$"), "q/k/v"),
-    (re.compile(r"^(?P<parent>.+\.(?:mlp|self_conditioning|experts\.\d+))\.(?P<member>gate_proj|up_proj)$"), "gate/up"),
-)
+# Linears that read the same input are fused by the loaders (dg_pipeline.model.vllm_contract.fused_group); TensorRT-LLM
+# asserts that their NVFP4 input_scale and weight_scale_2 are identical.
 SHARED_SCALE_LEAVES = ("input_scale", "weight_scale_2")
 
 # Tied weights: the encoder's text backbone IS the decoder's; the export stores the decoder's names only
@@ -111,15 +107,6 @@ def keep_unquantized_reason(module: str) -> str | None:
     for pattern, reason in KEEP_UNQUANTIZED:
         if fnmatch.fnmatchcase(module, pattern) or fnmatch.fnmatchcase(module, pattern + ".*"):
             return reason
-    return None
-
-
-def shared_input_group(module: str) -> tuple[str, str] | None:
-    """(group key, group label) of a linear that shares its input with siblings, else None."""
-    for pattern, label in SHARED_INPUT_GROUPS:
-        m = pattern.match(module)
-        if m:
-            return f"{m['parent']} ({label})", label
     return None
 
 
@@ -230,7 +217,28 @@ def quantized_format(leaves: dict[str, StoredTensor]) -> LinearFormat | None:
     return None
 
 
+def effective_quantization(qc: dict) -> dict:
+    """config.json's quantization_config read as vLLM's ModelOpt config reads it (modelopt.py from_config): the
+    nested hf_quant_config form, or the flat form (`ignore`, `kv_cache_scheme` {type float, num_bits 8} = FP8)."""
+    if isinstance(qc.get("quantization"), dict):
+        return dict(qc["quantization"])
+    scheme = qc.get("kv_cache_scheme")
+    fp8_kv = isinstance(scheme, dict) and scheme.get("type") == "float" and scheme.get("num_bits") == 8
+    return {
+        "quant_algo": qc.get("quant_algo"),
+        "kv_cache_quant_algo": "FP8" if fp8_kv else None,
+        "exclude_modules": qc.get("ignore") if "ignore" in qc else [],
+        "group_size": qc.get("group_size"),
+    }
+
+
 def read_quant_config(export_dir: str | Path) -> dict | None:
-    """hf_quant_config.json's `quantization` block, or None for an unquantized export."""
-    path = Path(export_dir) / HF_QUANT_CONFIG
+    """The quantization settings vLLM reads (config.json's quantization_config, else hf_quant_config.json's
+    `quantization` block), or None for an unquantized checkpoint."""
+    export_dir = Path(export_dir)
+    config = export_dir / "config.json"
+    qc = read_json(config).get("quantization_config") if config.exists() else None
+    if isinstance(qc, dict):
+        return effective_quantization(qc)
+    path = export_dir / HF_QUANT_CONFIG
     return read_json(path).get("quantization") if path.exists() else None

@@ -17,6 +17,13 @@ from huggingface_hub import ModelCard, ModelCardData
 from dg_pipeline.core.io import read_json
 from dg_pipeline.core.manifest import MANIFEST
 from dg_pipeline.export.formats import GENERATION_CONFIG, HF_QUANT_CONFIG
+from dg_pipeline.model.vllm_contract import (
+    DEFAULT_MAX_NUM_SEQS,
+    IGNORED_REQUEST_PARAMS,
+    REFUSED_REQUEST_PARAMS,
+    SAMPLER_FP32_COPIES,
+    sampler_bytes_per_sequence,
+)
 from dg_pipeline.settings.sampler import SAMPLER_KEYS, read_sampler_settings
 
 
@@ -29,6 +36,7 @@ class ModelCardFacts:
     data: str
     objective: str
     canvas_length: int
+    vocab_size: int
     parameters: int | None = None
     quant_details: Mapping[str, Any] = field(default_factory=dict)  # from quant.json (calibration, kv cache, ...)
     verify_records: Mapping[str, Mapping] = field(default_factory=dict)  # stage label -> verify.json record
@@ -40,12 +48,45 @@ def sampler_settings(export_dir: Path) -> dict[str, Any]:
 
 
 def vllm_command(export_dir: str, canvas_length: int) -> str:
-    return (f"vllm serve {export_dir} --diffusion-config '{{\"canvas_length\": {canvas_length}}}' "
-            f"--generation-config {export_dir}")
+    """What vLLM 0.32 needs beyond the bundle: the canvas length (--diffusion-config); the sampler settings come
+    from the bundle's generation_config.json, which vLLM reads by default."""
+    return f"vllm serve {export_dir} --diffusion-config '{{\"canvas_length\": {canvas_length}}}'"
 
 
-def trtllm_command(export_dir: str) -> str:
-    return f"trtllm-serve {export_dir} --backend pytorch"
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n} B"
+
+
+def serving_lines(canvas_length: int, vocab_size: int) -> list[str]:
+    """The card's vLLM section: the command, the request constraints and the --max-num-seqs memory sizing."""
+    per_seq = sampler_bytes_per_sequence(canvas_length, vocab_size)
+    return [
+        "vLLM (>= 0.32; OpenAI-compatible server on port 8000):",
+        "",
+        "```bash",
+        vllm_command("<this dir>", canvas_length),
+        "# or, with the bundle checked first:  export/serve_vllm.sh <this dir>",
+        "```",
+        "",
+        "- The sampler (`max_denoising_steps`, `entropy_bound`, `t_min`, `t_max`, `stability_threshold`, "
+        "`confidence_threshold`) is read from `generation_config.json`; only the canvas length is a flag. The old "
+        "`--hf-overrides diffusion_*` flags do nothing.",
+        "- Requests: send `temperature` 1.0 or leave it out (the denoiser runs its own `t_max` -> `t_min` "
+        f"schedule); vLLM refuses {', '.join(REFUSED_REQUEST_PARAMS[1:])} and any other temperature, and ignores "
+        f"{', '.join(IGNORED_REQUEST_PARAMS)}. Per request, `extra_args` may set `diffusion_max_steps` and a "
+        "smaller `diffusion_canvas_length`.",
+        f"- Memory: at each denoising step vLLM's sampler holds {SAMPLER_FP32_COPIES} fp32 [canvas x vocab] tensors "
+        f"per sequence (the soft-capped logits plus the three it reserves per sequence), {canvas_length} x "
+        f"{vocab_size:,} x 4 B x {SAMPLER_FP32_COPIES} = **{_size(per_seq)} per sequence**, "
+        f"{_size(per_seq * DEFAULT_MAX_NUM_SEQS)} at vLLM's default `--max-num-seqs {DEFAULT_MAX_NUM_SEQS}` for "
+        "DiffusionGemma. This is not in vLLM's memory profile, so it must fit in what `--gpu-memory-utilization` "
+        "leaves free: pick `--max-num-seqs` <= (1 - gpu_memory_utilization) x GPU memory / the per-sequence figure "
+        f"(the published 26B-A4B, canvas 256 x vocab 262,144: {_size(sampler_bytes_per_sequence(256, 262144))} per "
+        "sequence).",
+    ]
 
 
 def quantization_summary(export_dir: Path) -> dict[str, Any] | None:
@@ -120,19 +161,12 @@ def render_model_card(facts: ModelCardFacts) -> str:
         "",
         "## Serve",
         "",
-        "vLLM (OpenAI-compatible server on port 8000):",
+        *serving_lines(facts.canvas_length, facts.vocab_size),
         "",
-        "```bash",
-        vllm_command("<this dir>", facts.canvas_length),
-        "# or, with the bundle checked first:  export/serve_vllm.sh <this dir>",
-        "```",
-        "",
-        "TensorRT-LLM, PyTorch backend:",
-        "",
-        "```bash",
-        trtllm_command("<this dir>"),
-        "# or, with the bundle checked first:  export/serve_trtllm.sh <this dir>",
-        "```",
+        "TensorRT-LLM has no DiffusionGemma model yet (its PyTorch backend has Dream and DFlash, not "
+        "DiffusionGemma), so there is no TensorRT-LLM serve command. The checker still applies TensorRT-LLM's "
+        "loading rules for the formats it reads (one NVFP4 `input_scale` / `weight_scale_2` per fused q/k/v and "
+        "gate/up group), so the checkpoint needs no change once it has one.",
         "",
         "## Files",
         "",

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, DiffusionGemmaConfig, DiffusionGemmaForB
 from transformers import DiffusionGemmaGenerationConfig
 
 from dg_pipeline.core.errors import InputError
+from dg_pipeline.core.manifest import MANIFEST, verify_manifest
 from dg_pipeline.export.dequant import dequantize_linear
 from dg_pipeline.export.formats import (
     GENERATION_CONFIG,
@@ -27,7 +28,6 @@ from dg_pipeline.export.formats import (
     read_quant_config,
     split_leaf,
 )
-from dg_pipeline.core.manifest import verify_manifest
 from dg_pipeline.model.io import resolve_dtype
 from dg_pipeline.model.structure import untied_backbone_weights
 from dg_pipeline.settings.sampler import generation_config
@@ -121,6 +121,38 @@ def load_export(
         )
     quant = read_quant_config(export_dir)
     return ReloadedExport(model, tokenizer, export_dir, (quant or {}).get("quant_algo"), dequantized)
+
+
+@dataclass
+class EvalModel:
+    model: DiffusionGemmaForBlockDiffusion
+    tokenizer: object
+    kind: str  # what the dir is and how it was loaded (printed, and recorded in verify.json)
+    simulated: bool = False  # fake-quantized: its tokens/s simulate quantization, they are not a deployment figure
+
+
+def load_for_eval(path: str | Path, dtype: str | torch.dtype = "float32", device: str = "cpu") -> EvalModel:
+    """Any dir the pipeline writes, loaded the way its own gate evaluates it:
+    a quantize output (quant.json): the ModelOpt state restored onto its base model, weights folded (fake-quant);
+    a quantized export (FP8 / NVFP4 / NVFP4 experts-only): its manifest verified (a foreign checkpoint without one
+      loads unverified), weights dequantized in plain torch;
+    a model dir or bf16 export: loaded as is (a release manifest, when present, verified first)."""
+    from dg_pipeline.model.io import load_model
+    from dg_pipeline.quant import QUANT_JSON, fold_weights_for_eval, restore_quantized
+
+    path = Path(path)
+    if (path / QUANT_JSON).is_file():
+        model, tokenizer, record = restore_quantized(path, device=device)
+        fold_weights_for_eval(model)
+        return EvalModel(model, tokenizer, f"quantize output ({record.get('format')}, fake-quantized)", True)
+    if read_quant_config(path) is not None:
+        verify = (path / MANIFEST).is_file()
+        reloaded = load_export(path, dtype=dtype, device=device, verify=verify)
+        checked = "manifest verified" if verify else f"no {MANIFEST}: files not verified"
+        return EvalModel(reloaded.model, reloaded.tokenizer,
+                         f"{reloaded.quant_algo} export (weights dequantized in plain torch; {checked})")
+    model, tokenizer = load_model(path, dtype=dtype, device=device)
+    return EvalModel(model, tokenizer, "model dir")
 
 
 def _check_loaded(export_dir: Path, state: dict, missing: list[str], unexpected: list[str]) -> None:

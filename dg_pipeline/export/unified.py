@@ -35,6 +35,7 @@ from dg_pipeline.export.formats import (
     matches_module,
     quantized_format,
 )
+from dg_pipeline.model.vllm_contract import complete_engine_attributes
 from dg_pipeline.settings.sampler import SamplerSettings, generation_config, read_sampler_settings
 
 
@@ -109,14 +110,19 @@ def _expected_warnings_silenced():
 
 
 def export_quantized(
-    model, tokenizer, out_dir: str | Path, generation_config, dtype: torch.dtype = torch.bfloat16
+    model, tokenizer, out_dir: str | Path, generation_config, dtype: torch.dtype = torch.bfloat16,
+    share_fused: bool = True,
 ) -> ExportResult:
     """ModelOpt's unified HF checkpoint of a quantized model into `out_dir` (an existing, empty dir).
 
-    The model is consumed: ModelOpt replaces its weights by the quantized ones in place.
+    The model is consumed: ModelOpt replaces its weights by the quantized ones in place. Fused q/k/v and gate/up
+    groups get one scale each first (dg_pipeline.quant.fused; a no-op on a model calibrated by this pipeline, the
+    fix for an older quantize output); share_fused=False keeps per-shard scales (only to measure the difference).
     """
     from modelopt.torch.export import export_hf_checkpoint
     from modelopt.torch.export.quant_utils import has_quantized_modules
+
+    from dg_pipeline.quant.fused import share_fused_scales
 
     if not has_quantized_modules(model):
         raise InputError(
@@ -125,6 +131,9 @@ def export_quantized(
         )
     out_dir = Path(out_dir)
     model.config.architectures = [ARCHITECTURE]
+    complete_engine_attributes(model.config)  # ModelOpt writes config.json from model.config
+    if share_fused:
+        share_fused_scales(model)
     try:
         with decoder_config_isolated(model), _quiet_modelopt(), _expected_warnings_silenced(), torch.no_grad():
             export_hf_checkpoint(model, dtype=dtype, export_dir=out_dir)

@@ -12,6 +12,7 @@ import torch
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
 from dg_pipeline.core.errors import InputError
+from dg_pipeline.model.vllm_contract import ARCHITECTURE, complete_engine_attributes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,7 +115,8 @@ def build_config(
         eoi_token_id=pad_token_id,
         image_token_id=vocab_size + 1,
     )
-    cfg.architectures = ["DiffusionGemmaForBlockDiffusion"]
+    cfg.architectures = [ARCHITECTURE]
+    complete_engine_attributes(cfg)
     return cfg
 
 

@@ -31,6 +31,7 @@ from dg_pipeline.model.configs import TINY_VISION
 from dg_pipeline.model.inspect import GEMMA4_TEXT, CheckpointInfo, from_pretrained_complete
 from dg_pipeline.model.logits import encoder_causal_lm_logits
 from dg_pipeline.model.structure import untied_backbone_weights
+from dg_pipeline.model.vllm_contract import ARCHITECTURE, complete_engine_attributes
 
 
 # --- which Gemma 4 variants convert -----------------------------------------------------------------------------
@@ -174,7 +175,8 @@ def diffusion_config_from_gemma4(config, canvas_length: int) -> DiffusionGemmaCo
         tie_word_embeddings=True,
         **image_ids,
     )
-    dg_config.architectures = ["DiffusionGemmaForBlockDiffusion"]
+    dg_config.architectures = [ARCHITECTURE]
+    complete_engine_attributes(dg_config)  # only what the source lacks: a Gemma 4's own vision values are kept
     return dg_config
 
 

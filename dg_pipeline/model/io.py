@@ -20,6 +20,7 @@ from dg_pipeline.core.manifest import MANIFEST, verify_manifest
 from dg_pipeline.model.convert import ConversionReport, convert_checkpoint
 from dg_pipeline.model.inspect import CheckpointInfo, from_pretrained_complete, inspect_checkpoint
 from dg_pipeline.model.structure import untied_backbone_weights
+from dg_pipeline.model.vllm_contract import ARCHITECTURE, complete_engine_attributes
 from dg_pipeline.settings.sampler import generation_config as sampler_generation_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -137,7 +138,8 @@ def save_model(model, tokenizer, out_dir: str | Path, generation_config=None) ->
     generation_config: None = the model's own, with unset sampler keys filled from the DiffusionGemma defaults.
     """
     model.generation_config = sampler_generation_config(tokenizer, base=generation_config or model.generation_config)
-    model.config.architectures = ["DiffusionGemmaForBlockDiffusion"]
+    model.config.architectures = [ARCHITECTURE]
+    complete_engine_attributes(model.config)  # what serving engines read and transformers does not write
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)

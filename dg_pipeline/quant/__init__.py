@@ -4,6 +4,7 @@ recipes.py      the ModelOpt config per format (ModelOpt presets + the Diffusion
 calibration.py  diffusion-aware and text forward loops, `calibrate` (mtq.quantize + sync + expert rule + audit)
 experts.py      routed tokens per expert, the rule for experts that saw none
 tied.py         one set of scales for the tied encoder/decoder quantizers
+fused.py        one set of scales per fused q/k/v and gate/up group (as the engines run them)
 nvfp4_cpu.py    NVFP4 fake quantization in torch, registered as a ModelOpt backend (CPU runs)
 probe.py        logits relative error vs the unquantized model
 fp8_gemm.py     real FP8 GEMMs (torch._scaled_mm) for the gate on Hopper+
@@ -21,7 +22,13 @@ from dg_pipeline.quant.calibration import (
     diffusion_forward_loop,
     text_forward_loop,
 )
-from dg_pipeline.quant.experts import ExpertTokenCounter, apply_uncovered_expert_rule, coverage_report
+from dg_pipeline.quant.experts import (
+    ExpertTokenCounter,
+    apply_uncovered_expert_rule,
+    coverage_report,
+    uncovered_summary,
+)
+from dg_pipeline.quant.fused import share_fused_scales
 from dg_pipeline.quant.fp8_gemm import FP8Linear, fp8_gemm_supported, swap_in_fp8_gemms
 from dg_pipeline.quant.nvfp4_cpu import NVFP4_BACKEND, fake_quant_nvfp4, register_nvfp4_backend
 from dg_pipeline.quant.probe import LogitsErrorProbe, relative_l2
@@ -58,6 +65,8 @@ __all__ = [
     "coverage_report",
     "diffusion_forward_loop",
     "fake_quant_nvfp4",
+    "share_fused_scales",
+    "uncovered_summary",
     "fold_weights_for_eval",
     "fp8_gemm_supported",
     "read_quant_record",

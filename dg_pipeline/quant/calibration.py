@@ -9,7 +9,8 @@ Two loops (`calib.mode`):
   clean text, the decoder once on a random canvas without self-conditioning). Kept for comparison.
 
 `calibrate` wraps `mtq.quantize` with the routed-token counter (experts.py), a pass counter, the tied-stream sync
-(tied.py), the rule for unrouted experts, and an audit that fails on any enabled quantizer left without a range.
+(tied.py), one scale per fused q/k/v and gate/up group (fused.py), the rule for unrouted experts, and an audit
+that fails on any enabled quantizer left without a range.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch import nn
 from dg_pipeline.core.errors import InputError, PipelineError
 from dg_pipeline.core.progress import progress_bar
 from dg_pipeline.quant.experts import ExpertTokenCounter, apply_uncovered_expert_rule, coverage_report
+from dg_pipeline.quant.fused import share_fused_scales
 from dg_pipeline.quant.recipes import QuantRecipe
 from dg_pipeline.quant.tied import sync_tied_quantizers
 from dg_pipeline.settings.quant import CalibSettings
@@ -242,10 +244,14 @@ class CalibrationResult:
     tied: dict
     quantizers: dict
     excluded_modules: list[str]
+    fused: dict = field(default_factory=dict)
 
 
-def calibrate(model: nn.Module, recipe: QuantRecipe, forward_loop: ForwardLoop) -> CalibrationResult:
-    """mtq.quantize with `forward_loop`, then the tied-stream sync, the unrouted-expert rule and the audit."""
+def calibrate(
+    model: nn.Module, recipe: QuantRecipe, forward_loop: ForwardLoop, share_fused: bool = True
+) -> CalibrationResult:
+    """mtq.quantize with `forward_loop`, then the tied-stream sync, one scale per fused group, the unrouted-expert
+    rule and the audit. share_fused=False keeps per-shard scales (only to measure what sharing changes)."""
     import modelopt.torch.quantization as mtq
 
     with ExpertTokenCounter(model) as routing, PassCounter(model) as passes:
@@ -253,6 +259,9 @@ def calibrate(model: nn.Module, recipe: QuantRecipe, forward_loop: ForwardLoop) 
         mtq.quantize(model, recipe.config, forward_loop)
         seconds = time.perf_counter() - t0
     tied = sync_tied_quantizers(model)
+    fused = share_fused_scales(model) if share_fused else {"skipped": "per-shard scales kept (share_fused=False)"}
     experts = coverage_report(routing)
     apply_uncovered_expert_rule(model, experts)
-    return CalibrationResult(seconds, passes.counts, experts, tied, audit_quantizers(model), excluded_modules(model))
+    return CalibrationResult(
+        seconds, passes.counts, experts, tied, audit_quantizers(model), excluded_modules(model), fused
+    )

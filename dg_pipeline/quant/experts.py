@@ -116,6 +116,16 @@ def coverage_report(counter: ExpertTokenCounter) -> dict:
     }
 
 
+def uncovered_summary(report: dict) -> str:
+    """The coverage_report's uncovered experts as counts per layer ("layer 0: 3/128, layer 5: 1/128"): one line
+    however many experts (thousands at 30 layers x 128); the names stay in quant.json `experts.uncovered`."""
+    per_layer: dict[int, int] = {}
+    for u in report["uncovered"]:
+        per_layer[int(u["layer"])] = per_layer.get(int(u["layer"]), 0) + 1
+    sizes = {int(layer): len(c["total"]) for layer, c in report["tokens_per_expert"].items()}
+    return ", ".join(f"layer {layer}: {n}/{sizes.get(layer, '?')}" for layer, n in sorted(per_layer.items()))
+
+
 def fused_expert_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) of ModelOpt-converted fused expert containers (per-expert `*_weight_quantizers`)."""
     for name, module in model.named_modules():

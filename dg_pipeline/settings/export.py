@@ -1,4 +1,4 @@
-"""The `export` config group: the release bundle vLLM and TensorRT-LLM load."""
+"""The `export` config group: the release bundle vLLM serves."""
 
 from __future__ import annotations
 

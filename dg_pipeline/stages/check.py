@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> dict:
             failed[path] = violations
             console.print(f"[bold red]FAIL[/] {path}: {len(violations)} violation(s){note}")
         else:
-            console.print(f"[green]PASS[/] {path}: vLLM / TensorRT-LLM loader rules hold{note}")
+            console.print(f"[green]PASS[/] {path}: vLLM's start-up attributes and loader rules hold{note}")
     if failed:
         raise CheckFailed(failed)
     return {"stage": STAGE, "checked": results, "passed": True}

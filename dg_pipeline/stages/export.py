@@ -1,4 +1,4 @@
-"""Stage `export`: a release bundle vLLM / TensorRT-LLM load -> <run_dir>/export/<name>/.
+"""Stage `export`: a release bundle vLLM serves -> <run_dir>/export/<name>/.
 
     python -m dg_pipeline stage=export [input=<quantize dir>] [export.format=hf|bf16] [export.name=<name>]
         [export.overwrite=true] run_dir=<dir>
@@ -206,6 +206,7 @@ def card_facts(settings: RunSettings, rd: RunDir, name: str, bundle: Path, sourc
             details["experts calibrated"] = f"{experts.get('covered')}/{experts.get('experts')}"
         if quant.get("logits_relative_error") is not None:
             details["logits rel. error (fake-quant vs unquantized)"] = f"{quant['logits_relative_error']:.4f}"
+    config = read_json(bundle / "config.json")
     return ModelCardFacts(
         name=name,
         export_dir=bundle,
@@ -213,7 +214,8 @@ def card_facts(settings: RunSettings, rd: RunDir, name: str, bundle: Path, sourc
         recipe=_recipe_name(),
         data=_data_description(settings.data),
         objective=_objective_description(settings.objective),
-        canvas_length=int(read_json(bundle / "config.json")["canvas_length"]),
+        canvas_length=int(config["canvas_length"]),
+        vocab_size=int(config["text_config"]["vocab_size"]),
         parameters=parameters,
         quant_details=details,
         verify_records=records,

@@ -42,6 +42,7 @@ from dg_pipeline.quant import (
     fp8_gemm_supported,
     save_quantized,
     swap_in_fp8_gemms,
+    uncovered_summary,
 )
 from dg_pipeline.sampling import SamplerConfig
 from dg_pipeline.settings import RunSettings
@@ -154,6 +155,7 @@ def quant_record(settings: RunSettings, recipe, input_dir: Path, calib_settings:
         "quantizers": result.quantizers,
         "experts": result.experts,
         "tied": result.tied,
+        "fused": result.fused,
         "logits_error": error,
         "logits_relative_error": error["logits_relative_error"],
         "max_accuracy_drop": settings.quant.max_accuracy_drop,
@@ -186,9 +188,10 @@ def print_calibration(record: dict) -> None:
                   f"self-conditioned {err['self_conditioned_step']:.4f})")
     console.print(table)
     if experts["uncovered"]:
-        names = ", ".join(f"layer {u['layer']} expert {u['expert']}" for u in experts["uncovered"])
-        console.print(f"[yellow]warning[/]: {len(experts['uncovered'])} expert(s) saw no calibration token: {names}. "
-                      f"Rule applied: {experts['rule']}. More prompts (calib.n_samples) calibrate them on data.")
+        console.print(f"[yellow]warning[/]: {len(experts['uncovered'])} expert(s) saw no calibration token "
+                      f"(uncalibrated / experts per layer: {uncovered_summary(experts)}; every one is listed in "
+                      f"{QUANT_JSON} experts.uncovered). Rule applied: {experts['rule']}. More prompts "
+                      "(calib.n_samples) calibrate them on data.")
 
 
 def _write_quant_summary(model, out_dir: Path) -> None:
