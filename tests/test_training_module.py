@@ -13,7 +13,7 @@ from dg_pipeline.data.collate import collate
 from dg_pipeline.data.examples import Example
 from dg_pipeline.data.tokenizer import build_board_tokenizer
 from dg_pipeline.model import build_config
-from dg_pipeline.objective import UniformObjective, build_objective
+from dg_pipeline.objective import NoiseKey, UniformObjective, build_objective
 from dg_pipeline.training.module import (
     BlockDiffusionModule,
     OptimConfig,
@@ -74,7 +74,7 @@ def test_router_is_frozen_and_unchanged_by_a_step_while_the_backbone_learns():
     module = BlockDiffusionModule(model, UniformObjective(), OptimConfig(lr=1e-2, max_steps=10))
     optimizer = module.configure_optimizers()["optimizer"]
     batch = collate(board_examples(4), canvas_length=CANVAS, pad_id=tok.pad_token_id)
-    module.objective.loss(model, batch, torch.Generator().manual_seed(0)).loss.backward()
+    module.objective.loss(model, batch, NoiseKey(0)).loss.backward()
     optimizer.step()
     for name, param in model.named_parameters():
         if ".router." in name:
@@ -120,7 +120,10 @@ def test_exp_manager_gets_wandb_offline_under_the_run_dir_and_checkpoints_under_
     assert em["create_wandb_logger"] and em["wandb_logger_kwargs"]["offline"]
     assert em["wandb_logger_kwargs"]["save_dir"] == str(tmp_path.resolve())
     assert em["wandb_logger_kwargs"]["project"] == "dg_pipeline"
-    assert em["resume_if_exists"] is True and em["resume_ignore_no_checkpoint"] is True
+    # The checkpoint to resume is chosen by dg_pipeline.training.checkpoints, and handed to exp_manager.
+    assert em["resume_if_exists"] is False and em["resume_from_checkpoint"] is None
+    resumed = exp_manager_config(cfg, "sft", tmp_path / "sft" / "exp", 10, resume_from=tmp_path / "sft-3-last.ckpt")
+    assert resumed["resume_from_checkpoint"] == str(tmp_path / "sft-3-last.ckpt")
     assert em["checkpoint_callback_params"]["monitor"] == "val/loss"
     disabled = exp_manager_config(OmegaConf.merge(cfg, {"logger": {"mode": "disabled"}}), "sft", tmp_path, 10)
     assert not disabled["create_wandb_logger"]

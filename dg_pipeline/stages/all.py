@@ -1,7 +1,10 @@
 """stage=all: base -> [pretrain] -> sft (gate) -> quantize per format (gate) -> export per format (check + gate).
 
 A stage is skipped when its output exists and its fingerprint (the config keys it reads + its input's
-fingerprint) is unchanged; `force=true` reruns everything. Fingerprints live in <run_dir>/.dg_state/.
+fingerprint) is unchanged; `force=true` reruns everything (training from scratch). A stage whose output is missing
+(e.g. sft killed mid-training) is rerun without force, so its training resumes. Fingerprints live in
+<run_dir>/.dg_state/. Every rank walks the chain; each stage decides where its work runs (stages/__init__.py), and
+the bookkeeping (state files, summary, table) is rank 0's.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dg_pipeline.core.fingerprint import stage_fingerprint
 from dg_pipeline.core.io import atomic_write_json
+from dg_pipeline.core.ranks import is_rank_zero
 from dg_pipeline.core.rundir import RunDir
 from dg_pipeline.stages.quantize import output_name
 
@@ -111,27 +115,32 @@ def run(cfg: DictConfig) -> dict:
 
     rd = RunDir.from_cfg(cfg)
     steps = plan(cfg)
-    print(f"stage=all into {rd.root}: " + " -> ".join(s.label for s in steps))
+    rank_zero = is_rank_zero()
+    say = print if rank_zero else (lambda *_args, **_kwargs: None)
+    say(f"stage=all into {rd.root}: " + " -> ".join(s.label for s in steps))
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     for step in steps:
         if not cfg.force and is_up_to_date(rd, step):
-            print(f"[all] {step.label}: up to date (fingerprint {step.fingerprint}), skipped")
+            say(f"[all] {step.label}: up to date (fingerprint {step.fingerprint}), skipped")
             timings[step.label] = 0.0
             continue
         step_cfg = copy.deepcopy(step.cfg)
         with open_dict(step_cfg):
             step_cfg.stage = step.stage
-            step_cfg.force = True
-        print(f"\n[all] ===== {step.label} =====")
+            # Rebuild a stale output; a missing one (an interrupted stage) is built, resuming its training.
+            step_cfg.force = bool(cfg.force) or step.output.exists()
+        say(f"\n[all] ===== {step.label} =====")
         t0 = time.perf_counter()
         run_stage_tracked(step_cfg, variant=step.variant)
         timings[step.label] = round(time.perf_counter() - t0, 1)
-        atomic_write_json(state_file(rd, step), {"fingerprint": step.fingerprint, "stage": step.label})
+        if rank_zero:
+            atomic_write_json(state_file(rd, step), {"fingerprint": step.fingerprint, "stage": step.label})
     summary = {"run_dir": str(rd.root), "seconds": round(time.perf_counter() - t_all, 1), "stages": timings}
-    atomic_write_json(rd.root / "all" / "summary.json", summary)
-    _print_final_table(rd)
-    print(f"\n[all] done in {summary['seconds']} s; outputs under {rd.root}")
+    if rank_zero:
+        atomic_write_json(rd.root / "all" / "summary.json", summary)
+        _print_final_table(rd)
+    say(f"\n[all] done in {summary['seconds']} s; outputs under {rd.root}")
     return summary
 
 
