@@ -34,3 +34,12 @@ def write_sft_gate(model_dir: Path, *overrides: str) -> dict:
     model, tokenizer = load_model(model_dir)
     examples = eval_examples(cfg, tokenizer, RunDir.from_cfg(cfg))
     return run_gate(model, tokenizer, examples, cfg, "sft", model_dir, model_dir.parent)
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a torchrun rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

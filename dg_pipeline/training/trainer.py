@@ -125,8 +125,11 @@ def resolve_strategy(trainer_cfg, ar_only: bool):
     if name == "auto":
         return "auto"
     if name == "ddp":
-        # The encoder-only objective never runs the decoder's self-conditioning block.
-        return DDPStrategy(find_unused_parameters=ar_only)
+        # The encoder-only objective never runs the decoder's self-conditioning block. No buffer broadcast: DDP
+        # matches buffers across ranks by position, and the rotary module registers its per-layer-type buffers in
+        # `set` order, which differs between processes (string hashing), so rank 0's sliding-window frequencies
+        # would overwrite another rank's full-attention ones. The buffers are constants, equal on every rank.
+        return DDPStrategy(find_unused_parameters=ar_only, broadcast_buffers=False)
     return FullyShardedDataParallel()
 
 
@@ -220,10 +223,18 @@ def _metric(metrics: dict, key: str) -> float | None:
     return None if value is None else float(value)
 
 
+# trainer keys that say where and how fast a run computes, not what: a checkpoint resumes across a change of them
+# (sharded checkpoints load on any number of ranks; the data order continues exactly when the global batch,
+# trainer.batch_size x ranks, is kept).
+PLACEMENT_KEYS = ("devices", "num_nodes", "accelerator", "num_workers", "progress_bar", "log_every_n_steps",
+                  "activation_checkpointing", "expert_parallel", "resume_if_exists")
+
+
 def training_fingerprint(cfg: DictConfig, stage: str, input_dir: Path | str) -> str:
     """What decides a training run: a checkpoint in <stage>/exp is resumed only by a run with the same one."""
     keys = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg.get(k), DictConfig) else cfg.get(k)
             for k in ("model", "data", "objective", "trainer", "seed")}
+    keys["trainer"] = {k: v for k, v in keys["trainer"].items() if k not in PLACEMENT_KEYS}
     blob = json.dumps({"stage": stage, "input": str(input_dir), "format": CHECKPOINT_FORMAT, **keys},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
