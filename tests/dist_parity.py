@@ -1,8 +1,8 @@
 """Run under torchrun with 2 processes (tests/test_training_distributed.py does): one real Lightning training step
 of the tiny DiffusionGemma per layout (FSDP2, FSDP2 + activation checkpointing, FSDP2 + expert parallel, DDP) on a
 global batch of 4 (2 per rank), against the same step on one process at batch 4; then the FSDP2 model gathered to
-rank 0 and its sharded (DCP) checkpoint read back on one process. Writes the differences to the JSON file named by
-argv[1] (rank 0)."""
+rank 0 and its sharded (DCP) checkpoint read back on one process; and the measured memory peak of rank 0 in one
+FSDP2 step (bench.memory_plan). Writes the figures to the JSON file named by argv[1] (rank 0)."""
 
 from __future__ import annotations
 
@@ -138,10 +138,16 @@ def reference():
 
 
 def main(out_path: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from bench.memory_plan import CASES, measure
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    results = {}
+    # The measured peak of one FSDP2 step of the same tiny model and global batch, for the planner's check.
+    peak = measure(CASES["tiny"], init_device_mesh("cpu", (dist.get_world_size(),)))
+    results = {"fsdp_measured_peak_bytes": peak}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if rank == 0:

@@ -1,38 +1,17 @@
 """Specification of sharded training on 2 real processes (torchrun, gloo): one step of FSDP2 (plain, with
 activation checkpointing, with expert parallelism) and of DDP at a global batch of 4 computes the loss and the
 gradients of the same step on one process at batch 4; the sharded model gathers to rank 0 unchanged and its DCP
-checkpoint reads back on one process. One torchrun launch (tests/dist_parity.py) serves every assertion."""
-
-import json
-import subprocess
-import sys
-from pathlib import Path
+checkpoint reads back on one process. One torchrun launch (tests/dist_parity.py, the `parity` fixture of
+conftest.py) serves every assertion."""
 
 import pytest
 import torch
-
-from helpers import free_port
 
 from dg_pipeline.model.structure import untied_backbone_weights
 from dg_pipeline.objective import NoiseKey, UniformObjective
 from dg_pipeline.training.sharding import layer_members, sharding_units, tie_layer_modules
 
-ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-5
-
-
-def torchrun(script: Path, *args, nproc: int = 2, timeout: int = 600) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               f"--master-port={free_port()}", str(script), *map(str, args)]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def parity(tmp_path_factory):
-    out = tmp_path_factory.mktemp("parity") / "parity.json"
-    done = torchrun(ROOT / "tests" / "dist_parity.py", out)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return json.loads(out.read_text())
 
 
 @pytest.mark.parametrize("layout", ["fsdp", "fsdp_activation_checkpointing", "fsdp_expert_parallel", "ddp"])
