@@ -199,3 +199,38 @@ def test_an_experiment_dir_is_kept_for_resume_only_by_the_same_run(tmp_path):
     (exp / "checkpoints" / "sft-3-last.ckpt").write_text("x")
     prepare_exp_dir(exp, "run-b", resume=False)
     assert not (exp / "checkpoints" / "sft-3-last.ckpt").exists()  # force / resume_if_exists=false: fresh
+
+
+def test_an_interrupted_checkpoint_save_is_removed_and_the_run_resumes_from_the_last_complete_one(tmp_path, capsys):
+    from nemo.utils.callbacks.nemo_model_checkpoint import NeMoModelCheckpoint
+
+    model, tok = trainable_tiny_model()
+    examples = board_examples(24)
+    cfg = stage_cfg(tmp_path, val_check_interval=2, warmup_steps=1, lr=3e-3)
+    cfg.logger.mode = "disabled"
+    train, val = make_loaders(examples[:16], examples[16:], cfg.trainer, CANVAS, tok.pad_token_id, seed=0)
+    objective = build_objective(cfg.objective, tok)
+
+    def run(steps, resume=True):
+        module = BlockDiffusionModule(trainable_tiny_model()[0], objective, OptimConfig.from_trainer_cfg(cfg.trainer, 5))
+        return fit(module, train, val, cfg, "sft", tmp_path / "sft", max_steps=steps, fingerprint="f",
+                   resume=resume)[0]
+
+    run(3)
+    checkpoints = tmp_path / "sft" / "exp" / "checkpoints"
+    last = checkpoints / "sft-3-last.ckpt"
+    # A save killed half-way: NeMo's marker beside a truncated file.
+    NeMoModelCheckpoint.set_checkpoint_unfinished_marker(last)
+    last.write_bytes(last.read_bytes()[:100])
+    capsys.readouterr()
+
+    resumed = run(5)
+    said = capsys.readouterr().out
+    assert "sft-3-last.ckpt was still being written when the previous run stopped" in said
+    assert resumed.resumed_from.endswith("sft-2.ckpt") and "resuming from" in said and "(step 2)" in said
+    assert resumed.steps == 5
+    assert not list(checkpoints.glob("*-unfinished")) and not last.exists()
+
+    # force=true (resume=False) always starts clean, whatever is in the experiment dir.
+    fresh = run(2, resume=False)
+    assert fresh.resumed_from is None and fresh.steps == 2
