@@ -15,10 +15,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from helpers import board_examples
 from omegaconf import OmegaConf
 
 from dg_pipeline.data.collate import collate
-from dg_pipeline.data.examples import Example
 from dg_pipeline.data.tokenizer import build_board_tokenizer
 from dg_pipeline.model import build_config
 from dg_pipeline.model.sharded_io import gather_model
@@ -50,12 +50,7 @@ def tiny_model():
 
 
 def examples(n=16):
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        digits = torch.randint(6, 16, (4,), generator=g).tolist()
-        out.append(Example([2, *digits, 5], [(d - 6 + 1) % 10 + 6 for d in digits] + [1], {}))
-    return out
+    return board_examples(n)
 
 
 class Capture(pl.Callback):

@@ -43,3 +43,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def board_examples(n: int):
+    """n learnable tiny examples: prompt <bos> four digits <sep>; response the digits shifted by one, then EOS."""
+    import torch
+
+    from dg_pipeline.data.examples import Example
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        digits = torch.randint(6, 16, (4,), generator=g).tolist()
+        out.append(Example([2, *digits, 5], [(d - 6 + 1) % 10 + 6 for d in digits] + [1], {}))
+    return out

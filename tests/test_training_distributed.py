@@ -83,3 +83,29 @@ def test_the_plan_lists_every_parameter_once_layers_experts_vision_then_the_root
     assert "experts" not in {u.kind for u in split}
     assert id(model.model.encoder.language_model.layers[0].experts.gate_up_proj) not in {
         id(p) for u in split for p in u.params}
+
+
+def test_the_trainer_precision_selects_bf16_gathered_parameters_with_fp32_gradient_reduction():
+    from dg_pipeline.training.sharding import ParallelSettings, mixed_precision_policy
+
+    policy = mixed_precision_policy(ParallelSettings(strategy="fsdp", precision="bf16-mixed"))
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    assert mixed_precision_policy(ParallelSettings(strategy="fsdp")).param_dtype is None  # 32-true: fp32 all through
+
+
+def test_scale_out_keys_are_checked_naming_the_key():
+    from omegaconf import OmegaConf
+
+    from dg_pipeline.core.errors import InputError
+    from dg_pipeline.training.sharding import ParallelSettings
+
+    def settings(**keys):
+        return ParallelSettings.from_trainer_cfg(OmegaConf.create({"strategy": "fsdp", **keys}))
+
+    assert settings(devices=2, num_nodes=3).world_size() == 6
+    with pytest.raises(InputError, match="trainer.expert_parallel=2 needs trainer.strategy=fsdp"):
+        ParallelSettings.from_trainer_cfg(OmegaConf.create({"strategy": "ddp", "expert_parallel": 2}))
+    with pytest.raises(InputError, match="trainer.precision=fp8"):
+        settings(precision="fp8")
+    with pytest.raises(InputError, match="trainer.strategy=zero3"):
+        ParallelSettings.from_trainer_cfg(OmegaConf.create({"strategy": "zero3"}))

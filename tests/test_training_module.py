@@ -8,9 +8,10 @@ import torch
 from omegaconf import OmegaConf
 from transformers import DiffusionGemmaForBlockDiffusion
 
+from helpers import board_examples
+
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.data.collate import collate
-from dg_pipeline.data.examples import Example
 from dg_pipeline.data.tokenizer import build_board_tokenizer
 from dg_pipeline.model import build_config
 from dg_pipeline.objective import NoiseKey, UniformObjective, build_objective
@@ -38,16 +39,6 @@ def trainable_tiny_model(seed=0):
     freeze_router(model)
     freeze_vision(model)
     return model, tok
-
-
-def board_examples(n):
-    # Prompt: <bos> four digits <sep>; response: the digits shifted by one, then EOS (learnable, tiny).
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        digits = torch.randint(6, 16, (4,), generator=g).tolist()
-        out.append(Example([2, *digits, 5], [(d - 6 + 1) % 10 + 6 for d in digits] + [1], {}))
-    return out
 
 
 def stage_cfg(run_dir, **trainer_overrides):
