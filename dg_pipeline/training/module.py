@@ -104,6 +104,7 @@ class BlockDiffusionModule(pl.LightningModule):
         self.parallel = parallel or ParallelSettings()
         self.weights_dir = weights_dir
         self.last_validated_step: int | None = None  # global step of the latest full validation
+        self.resumed_train_loss: float | None = None  # the train loss logged before the checkpoint resumed from
 
     @property
     def model(self):
@@ -152,6 +153,14 @@ class BlockDiffusionModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
             self.last_validated_step = self.global_step
+
+    # A run resumed from its last checkpoint may have no step left to run: it still reports the last train loss.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        loss = self.trainer.callback_metrics.get("train/loss")
+        checkpoint["dg_last_train_loss"] = None if loss is None else float(loss)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.resumed_train_loss = checkpoint.get("dg_last_train_loss")
 
     # -- optimisation
     def configure_optimizers(self):

@@ -281,6 +281,8 @@ def fit(module: BlockDiffusionModule, train_loader: DataLoader, val_loader: Data
         trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=resumed_from)
     wall = time.perf_counter() - started
     final_train_loss = _metric(trainer.callback_metrics, "train/loss")
+    if final_train_loss is None:  # resumed from a checkpoint of the last step: nothing left to train
+        final_train_loss = module.resumed_train_loss
     val_metrics = {}
     if val_loader is not None and module.last_validated_step == trainer.global_step:
         val_metrics = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
