@@ -224,10 +224,10 @@ def _metric(metrics: dict, key: str) -> float | None:
 
 
 # trainer keys that say where and how fast a run computes, not what: a checkpoint resumes across a change of them
-# (sharded checkpoints load on any number of ranks; the data order continues exactly when the global batch,
-# trainer.batch_size x ranks, is kept).
+# (sharded checkpoints load on any number of ranks). What decides the math is the global batch,
+# trainer.batch_size x ranks: with it kept, the data order and the noise continue exactly.
 PLACEMENT_KEYS = ("devices", "num_nodes", "accelerator", "num_workers", "progress_bar", "log_every_n_steps",
-                  "activation_checkpointing", "expert_parallel", "resume_if_exists")
+                  "activation_checkpointing", "expert_parallel", "resume_if_exists", "batch_size")
 
 
 def training_fingerprint(cfg: DictConfig, stage: str, input_dir: Path | str) -> str:
@@ -235,6 +235,8 @@ def training_fingerprint(cfg: DictConfig, stage: str, input_dir: Path | str) -> 
     keys = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg.get(k), DictConfig) else cfg.get(k)
             for k in ("model", "data", "objective", "trainer", "seed")}
     keys["trainer"] = {k: v for k, v in keys["trainer"].items() if k not in PLACEMENT_KEYS}
+    keys["trainer"]["global_batch"] = int(cfg.trainer.batch_size) * ParallelSettings.from_trainer_cfg(
+        cfg.trainer).world_size()
     blob = json.dumps({"stage": stage, "input": str(input_dir), "format": CHECKPOINT_FORMAT, **keys},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
