@@ -37,6 +37,10 @@ def test_validation_order_covers_every_example_with_equal_batches_per_rank():
     assert len(rank0) == len(rank1) == 2  # ceil(10 / 8); the last global batch is filled from the start
     seen = {i for batch in rank0 + rank1 for _, i in batch}
     assert seen == set(range(10))
+    # Validation keys its examples with epoch 0 whatever epoch Lightning sets: the same noise every time.
+    fixed = GlobalBatchSampler(10, batch_size=4, seed=0, shuffle=False, drop_last=False, keyed_by_epoch=False)
+    fixed.set_epoch(2)
+    assert {e for e, _ in fixed} == {0}
 
 
 def test_a_smaller_dataset_than_one_global_batch_is_cycled_to_fill_it():

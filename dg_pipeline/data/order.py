@@ -39,10 +39,13 @@ class GlobalBatchSampler(Sampler):
     drop_last: an epoch is floor(n / G) full global batches (training; at least one: a dataset smaller than one
     global batch is cycled to fill it); else ceil(n / G), the last one filled by cycling from the start of the
     order (validation: every rank gets the same number of batches, a handful of examples are seen twice).
+    keyed_by_epoch: each key carries the epoch (training: an example gets new noise every epoch); False keys every
+    example with epoch 0 (validation: the same noise at every validation, whatever epoch Lightning sets).
     The rank and the number of ranks are read when iterating (the process group exists only inside `fit`).
     """
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool, drop_last: bool):
+    def __init__(self, num_examples: int, batch_size: int, seed: int, shuffle: bool, drop_last: bool,
+                 keyed_by_epoch: bool = True):
         if num_examples <= 0:
             raise ValueError("GlobalBatchSampler needs at least one example")
         self.num_examples = num_examples
@@ -50,6 +53,7 @@ class GlobalBatchSampler(Sampler):
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.keyed_by_epoch = keyed_by_epoch
         self.epoch = 0
         self._resume_epoch: int | None = None
         self._resume_batches = 0
@@ -86,10 +90,11 @@ class GlobalBatchSampler(Sampler):
         """Rank `rank`'s (epoch, index) keys of epoch `epoch` from step `first_step` on."""
         order = self.epoch_order(epoch, ranks)
         global_batch = self.batch_size * ranks
+        key_epoch = epoch if self.keyed_by_epoch else 0
         for step in range(first_step, self.steps_per_epoch(ranks)):
             start = step * global_batch + rank * self.batch_size
             for index in order[start : start + self.batch_size]:
-                yield epoch, index
+                yield key_epoch, index
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rank, ranks = process_rank_and_count()

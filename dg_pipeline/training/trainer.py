@@ -89,7 +89,8 @@ def make_loaders(train_examples: Sequence, val_examples: Sequence, trainer_cfg, 
     train = ResumableLoader(ExampleDataset(train_examples), order, collate_fn, num_workers=workers)
     val = None
     if len(val_examples):
-        val_order = GlobalBatchSampler(len(val_examples), batch_size, seed, shuffle=False, drop_last=False)
+        val_order = GlobalBatchSampler(len(val_examples), batch_size, seed, shuffle=False, drop_last=False,
+                                       keyed_by_epoch=False)
         val = DataLoader(ExampleDataset(val_examples), batch_size=batch_size, sampler=val_order,
                          collate_fn=collate_fn, num_workers=workers)
     return train, val
