@@ -94,6 +94,16 @@ def test_router_is_frozen_and_unchanged_by_a_step_while_the_backbone_learns():
         model.model.decoder.layers[0].self_attn.q_proj.weight
 
 
+def test_no_ddp_or_lightning_sync_overwrites_a_ranks_rotary_buffers():
+    # Rank 0's buffers broadcast by position would swap the per-layer-type rotary frequencies on a rank whose
+    # string hashing ordered them differently (tests/test_stage_distributed.py: DDP and FSDP val loss agree).
+    model, _ = tiny_model()
+    module = BlockDiffusionModule(model, UniformObjective(), OptimConfig(lr=1e-3, max_steps=1))
+    buffers = {name for name, _ in module.named_buffers()}
+    assert any("rotary_emb" in name for name in buffers)
+    assert set(module._ddp_params_and_buffers_to_ignore) == buffers
+
+
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_down_to_the_min_ratio():
     model, _ = tiny_model()
     module = BlockDiffusionModule(model, UniformObjective(), OptimConfig(lr=1.0, max_steps=10, warmup_steps=2,

@@ -106,6 +106,12 @@ class BlockDiffusionModule(pl.LightningModule):
         self.weights_dir = weights_dir
         self.last_validated_step: int | None = None  # global step of the latest full validation
         self.resumed_train_loss: float | None = None  # the train loss logged before the checkpoint resumed from
+        # DDP (when it wraps the module) and Lightning (before a validate outside fit) broadcast rank 0's buffers to
+        # the other ranks by position. The rotary module registers its per-layer-type buffers in `set` order, which
+        # differs between processes (string hashing): rank 1's sliding and full-attention frequencies would be
+        # swapped. They are constants computed alike on every rank, so no sync may touch them (torch's DDP ignore
+        # list, which Lightning's sync reads too).
+        self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
 
     @property
     def model(self):

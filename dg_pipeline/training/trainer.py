@@ -177,10 +177,8 @@ def resolve_strategy(trainer_cfg, ar_only: bool):
     if name == "auto":
         return "auto"
     if name == "ddp":
-        # The encoder-only objective never runs the decoder's self-conditioning block. No buffer broadcast: DDP
-        # matches buffers across ranks by position, and the rotary module registers its per-layer-type buffers in
-        # `set` order, which differs between processes (string hashing), so rank 0's sliding-window frequencies
-        # would overwrite another rank's full-attention ones. The buffers are constants, equal on every rank.
+        # The encoder-only objective never runs the decoder's self-conditioning block. No buffer broadcast: the
+        # rotary buffers must stay each rank's own (BlockDiffusionModule lists them in DDP's ignore list).
         return DDPStrategy(find_unused_parameters=ar_only, broadcast_buffers=False)
     if name == "fsdp":
         return FullyShardedDataParallel()
