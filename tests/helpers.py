@@ -53,3 +53,26 @@ def write_sft_gate(model_dir: Path, *overrides: str) -> dict:
     model, tokenizer = load_model(model_dir)
     examples = load_eval_examples(settings.data, tokenizer, RunDir.from_cfg(cfg), settings.seed, limit=gate.n_eval)
     return run_gate(model, tokenizer, examples, gate, "sft", model_dir, model_dir.parent)
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a torchrun rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def board_examples(n: int):
+    """n learnable tiny examples: prompt <bos> four digits <sep>; response the digits shifted by one, then EOS."""
+    import torch
+
+    from dg_pipeline.data.examples import Example
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        digits = torch.randint(6, 16, (4,), generator=g).tolist()
+        out.append(Example([2, *digits, 5], [(d - 6 + 1) % 10 + 6 for d in digits] + [1], {}))
+    return out

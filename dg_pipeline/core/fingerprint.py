@@ -10,15 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
 from dg_pipeline.core.registry import STAGES
 
 
-def config_fingerprint(cfg: DictConfig, keys: Iterable[str], upstream: str) -> str:
-    """A short hash of the config groups `keys` of `cfg` and of `upstream` (what the work starts from)."""
+def config_fingerprint(cfg: DictConfig | Mapping, keys: Iterable[str], upstream: str) -> str:
+    """A short hash of the config groups `keys` of `cfg` (a composed config, or plain values) and of `upstream`
+    (what the work starts from)."""
     values = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg[k], DictConfig) else cfg[k]
               for k in keys}
     if "quant" in values:

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+from transformers import (
+    AutoTokenizer,
+    DiffusionGemmaConfig,
+    DiffusionGemmaForBlockDiffusion,
+    DiffusionGemmaGenerationConfig,
+)
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import atomic_dir
@@ -130,6 +135,26 @@ def load_model(
     """(DiffusionGemmaForBlockDiffusion, tokenizer) from a model dir (a Gemma 4 dir is converted on the fly)."""
     loaded = load_base(path, canvas_length=canvas_length, dtype=dtype, device=device, key="input")
     return loaded.model, loaded.tokenizer
+
+
+def load_model_skeleton(path: str | Path, key: str = "input"):
+    """(DiffusionGemmaForBlockDiffusion on the meta device, tokenizer) from a DiffusionGemma model dir: the dir is
+    checked as `load_model` checks it, but no weight is read (a sharded run loads each rank's shards later,
+    dg_pipeline.model.sharded_io)."""
+    from dg_pipeline.model.sharded_io import meta_model
+
+    info = inspect_checkpoint(path, key=key)
+    verify_release_manifest(Path(info.path))
+    if not info.is_diffusion_gemma:
+        raise InputError(f"{key}={info.path}: sharded training starts from a DiffusionGemma dir, this is a Gemma 4 "
+                         f"checkpoint; convert it first (stage=base model.base={info.path})")
+    tokenizer = load_tokenizer(info, key=key)
+    model = meta_model(DiffusionGemmaConfig.from_pretrained(info.path))
+    generation_file = Path(info.path) / "generation_config.json"
+    if generation_file.is_file():
+        model.generation_config = DiffusionGemmaGenerationConfig.from_pretrained(info.path)
+    model.generation_config = sampler_generation_config(tokenizer, base=model.generation_config)
+    return model, tokenizer
 
 
 def save_model(model, tokenizer, out_dir: str | Path, generation_config=None) -> Path:
