@@ -120,7 +120,7 @@ def load_base(
             info, canvas_length or 256, torch_dtype, device, check_parity=check_parity, seed=seed, key=key
         )
         kind = KIND_GEMMA4_CONVERTED
-    model.generation_config = sampler_generation_config(tokenizer, base=model.generation_config)
+    model.generation_config = sampler_generation_config(tokenizer, base=model.generation_config, model_config=model.config)
     return LoadedModel(model.eval(), tokenizer, kind, info, conversion)
 
 
@@ -136,8 +136,13 @@ def save_model(model, tokenizer, out_dir: str | Path, generation_config=None) ->
     """Write weights (safetensors), config, tokenizer and generation_config.json into `out_dir`, atomically.
 
     generation_config: None = the model's own, with unset sampler keys filled from the DiffusionGemma defaults.
+    config.json's text_config.eos_token_id is written as the generation config's stop ids (e.g. [1, 106]), so both
+    files name every id generation stops at.
     """
-    model.generation_config = sampler_generation_config(tokenizer, base=generation_config or model.generation_config)
+    model.generation_config = sampler_generation_config(
+        tokenizer, base=generation_config or model.generation_config, model_config=model.config
+    )
+    model.config.get_text_config().eos_token_id = model.generation_config.eos_token_id
     model.config.architectures = [ARCHITECTURE]
     complete_engine_attributes(model.config)  # what serving engines read and transformers does not write
     out_dir = Path(out_dir)
