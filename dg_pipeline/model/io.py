@@ -21,6 +21,7 @@ from dg_pipeline.model.convert import ConversionReport, convert_checkpoint
 from dg_pipeline.model.inspect import CheckpointInfo, from_pretrained_complete, inspect_checkpoint
 from dg_pipeline.model.structure import untied_backbone_weights
 from dg_pipeline.model.vllm_contract import ARCHITECTURE, complete_engine_attributes
+from dg_pipeline.settings.sampler import eos_token_ids
 from dg_pipeline.settings.sampler import generation_config as sampler_generation_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -122,6 +123,12 @@ def load_base(
         kind = KIND_GEMMA4_CONVERTED
     model.generation_config = sampler_generation_config(tokenizer, base=model.generation_config, model_config=model.config)
     return LoadedModel(model.eval(), tokenizer, kind, info, conversion)
+
+
+def stop_token_ids(model) -> tuple[int, ...]:
+    """Every id `model` stops generating at (its generation config's eos list, else its config's): where the sampler
+    stops, where a chat turn's supervision ends and where the scorers read a response to."""
+    return eos_token_ids(getattr(model, "generation_config", None), model.config)
 
 
 def load_model(

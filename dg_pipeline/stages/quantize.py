@@ -30,7 +30,7 @@ from dg_pipeline.core import RunDir, atomic_dir, atomic_write_json, read_json
 from dg_pipeline.core.fingerprint import input_identity, stage_fingerprint
 from dg_pipeline.core.registry import STAGES, decide_reuse
 from dg_pipeline.data import load_eval_examples, load_splits
-from dg_pipeline.model.io import load_model, resolve_device
+from dg_pipeline.model.io import load_model, resolve_device, stop_token_ids
 from dg_pipeline.quant import (
     QUANT_JSON,
     LogitsErrorProbe,
@@ -82,7 +82,7 @@ def run(cfg: DictConfig) -> dict:
 
     with console.status(f"quantize: loading {input_dir}"):
         model, tokenizer = load_model(input_dir, dtype=settings.model.dtype, device=device)
-    splits = load_splits(settings.data, tokenizer, rd, seed=settings.seed)
+    splits = load_splits(settings.data, tokenizer, rd, seed=settings.seed, eos_token_ids=stop_token_ids(model))
     calib_examples = calibration_examples(splits.train, calib.n_samples, calib.max_length)
     probe = LogitsErrorProbe(model, [e.prompt_ids for e in splits.eval[: quant.probe_prompts]], settings.seed)
     console.print(
@@ -109,7 +109,8 @@ def run(cfg: DictConfig) -> dict:
         "[yellow]note[/]: tokens/s below are a simulation: weights and activations are fake-quantized "
         + (f"(except {len(fp8_linears)} linears running real FP8 GEMMs)" if fp8_linears else "(no native FP8/FP4 kernels)")
     )
-    examples = load_eval_examples(settings.data, tokenizer, rd, settings.seed, limit=gate_settings.n_eval)
+    examples = load_eval_examples(settings.data, tokenizer, rd, settings.seed, limit=gate_settings.n_eval,
+                                  eos_token_ids=stop_token_ids(model))
     gate = run_gate(
         model, tokenizer, examples, gate_settings, STAGE, input_dir, out_dir,
         reference=reference, simulated=simulated,
