@@ -10,7 +10,8 @@ input=<dir>, else <run_dir>/sft/model
                                                      dir, exclusions, per-expert coverage, logits error vs unquantized
      <run_dir>/quantize/<quant>/.quant_summary.txt   mtq.print_quant_summary: every quantizer and its state
      <run_dir>/quantize/<quant>/verify.json          the gate on the fake-quantized model vs <sft>/verify.json,
-                                                     verify.max_accuracy_drop defaulting to quant.max_accuracy_drop
+                                                     verify.max_accuracy_drop defaulting to quant.max_accuracy_drop,
+                                                     the logits error bounded by quant.max_logits_error
 Skipped when its outputs exist, passed, and were made with the same settings on the same input (the
 fingerprint in quant.json), unless force=true. Throughput is a simulation (fake quantization) except
 the real-FP8 linears of quant=fp8 on a CUDA device with compute capability >= 8.9 (quant.fp8_gemm). The gate runs
@@ -48,6 +49,7 @@ from dg_pipeline.sampling import SamplerConfig
 from dg_pipeline.settings import RunSettings
 from dg_pipeline.verify import GateSettings, gate_record_beside, gate_reference, read_gate_record, run_gate
 from dg_pipeline.verify.gate import resolve_max_new_tokens
+from dg_pipeline.verify.record import at_most
 
 STAGE = "quantize"
 console = Console()
@@ -123,8 +125,14 @@ def run(cfg: DictConfig) -> dict:
             "folded_weight_quantizers": folded,
             "simulation_note": "throughput of fake-quantized weights/activations; not a deployment figure",
         },
+        checks=logits_error_checks(error, quant.max_logits_error),
     )
     return {**record, "gate": gate}
+
+
+def logits_error_checks(error: dict, bound: float | None) -> list:
+    """The logits relative error vs the unquantized model, bounded by quant.max_logits_error (none when null)."""
+    return [] if bound is None else [at_most("max_logits_error", error["logits_relative_error"], bound)]
 
 
 def forward_loop(settings: RunSettings, model, tokenizer, examples: list):
@@ -160,6 +168,7 @@ def quant_record(settings: RunSettings, recipe, input_dir: Path, calib_settings:
         "logits_error": error,
         "logits_relative_error": error["logits_relative_error"],
         "max_accuracy_drop": settings.quant.max_accuracy_drop,
+        "max_logits_error": settings.quant.max_logits_error,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 

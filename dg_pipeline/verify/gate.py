@@ -38,6 +38,7 @@ from dg_pipeline.sampling import BlockDiffusionSampler, GenerationResult, Sample
 from dg_pipeline.verify.breakdown import accuracy_breakdown, first_per_source, source_accuracies
 from dg_pipeline.verify.plots import plot_step_sweep, plot_trajectory, trajectory_grid
 from dg_pipeline.verify.record import (
+    Check,
     GateSettings,
     PairedDrop,
     finalize_record,
@@ -210,13 +211,15 @@ def run_gate(
     *,
     simulated: bool = False,
     extra: Mapping[str, Any] | None = None,
+    checks: Sequence[Check] = (),
     console: Console | None = None,
 ) -> dict:
     """Run the gate and write <out_dir>/verify.json; raise GateFailed (after writing) when a check fails.
 
     `reference`: the verify.json (path, its dir, or the record) the accuracy drop is measured against;
     verify.reference overrides it. `simulated`: throughput was measured on fake-quantized weights (quantize
-    stage). `extra`: more keys for the record (e.g. the quant format).
+    stage). `extra`: more keys for the record (e.g. the quant format); `checks`: the stage's own checks (e.g. the
+    quantize stage's logits-error bound), added to the task checks.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -245,7 +248,8 @@ def run_gate(
                                  "confidence": thresholds.drop_confidence,
                                  "drop_lower_bound": paired.drop_lower_bound(thresholds.drop_confidence)
                                  if thresholds.drop_confidence else paired.drop}
-    finalize_record(record, gate_checks(record["accuracy"], record["speedup_vs_ar"], thresholds, ref, paired))
+    task_checks = gate_checks(record["accuracy"], record["speedup_vs_ar"], thresholds, ref, paired)
+    finalize_record(record, [*task_checks, *checks])
     _write_predictions(out_dir, examples, scores, ar_scores)
     record["seconds"]["gate_total"] = time.perf_counter() - t_start
     path = write_record(out_dir, record)
