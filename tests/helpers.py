@@ -43,6 +43,7 @@ def write_sft_gate(model_dir: Path, *overrides: str) -> dict:
     from dg_pipeline.core import RunDir
     from dg_pipeline.data import load_eval_examples
     from dg_pipeline.model import load_model
+    from dg_pipeline.model.io import stop_token_ids
     from dg_pipeline.settings import RunSettings
     from dg_pipeline.verify import GateSettings, run_gate
 
@@ -51,7 +52,8 @@ def write_sft_gate(model_dir: Path, *overrides: str) -> dict:
     settings = RunSettings.from_cfg(cfg)
     gate = GateSettings.for_run(settings)
     model, tokenizer = load_model(model_dir)
-    examples = load_eval_examples(settings.data, tokenizer, RunDir.from_cfg(cfg), settings.seed, limit=gate.n_eval)
+    examples = load_eval_examples(settings.data, tokenizer, RunDir.from_cfg(cfg), settings.seed, limit=gate.n_eval,
+                                  eos_token_ids=stop_token_ids(model))
     return run_gate(model, tokenizer, examples, gate, "sft", model_dir, model_dir.parent)
 
 

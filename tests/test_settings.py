@@ -89,3 +89,11 @@ def test_the_default_timestamped_run_dir_reads_the_same_in_the_settings_later(co
     first = str(cfg.run_dir)
     time.sleep(1.1)
     assert RunSettings.from_cfg(cfg).run_dir == first
+
+
+def test_each_quant_format_bounds_its_logits_error(compose_cfg):
+    bounds = {name: RunSettings.from_cfg(compose_cfg(f"quant={name}")).quant.max_logits_error
+              for name in ("fp8", "nvfp4", "nvfp4_experts_only")}
+    assert bounds == {"fp8": 0.1, "nvfp4": 0.25, "nvfp4_experts_only": 0.25}
+    with pytest.raises(InputError, match=r"quant.max_logits_error"):
+        RunSettings.from_cfg(compose_cfg("quant.max_logits_error=-1"))

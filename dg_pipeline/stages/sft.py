@@ -26,7 +26,8 @@ from dg_pipeline.core import RunDir, atomic_write_json, read_json
 from dg_pipeline.core.ranks import on_rank_zero, rank_zero_first
 from dg_pipeline.core.registry import STAGES, decide_reuse
 from dg_pipeline.data.sources import load_splits
-from dg_pipeline.model.io import load_model, load_model_skeleton, resolve_device, resolve_dtype, save_model
+from dg_pipeline.model.io import (load_model, load_model_skeleton, resolve_device, resolve_dtype, save_model,
+                                  stop_token_ids)
 from dg_pipeline.settings import RunSettings
 from dg_pipeline.training import TrainingJob, train
 from dg_pipeline.verify import GateSettings, run_gate
@@ -60,7 +61,8 @@ def run_training_stage(cfg: DictConfig, stage: str, max_steps: int, ar_only: boo
         # FP32 master weights whatever model.dtype says; trainer.precision decides the compute dtype.
         model, tokenizer = load_model(input_dir, dtype="float32", device="cpu")
     with rank_zero_first(f"{stage}: generating the data"):
-        splits = load_splits(settings.data, tokenizer, rundir, seed=settings.seed)
+        splits = load_splits(settings.data, tokenizer, rundir, seed=settings.seed,
+                             eos_token_ids=stop_token_ids(model))
     objective = "ar" if ar_only else settings.objective.name
     console.print(f"[bold]{stage}[/]: {input_dir} -> {model_dir}; {len(splits.train)} train / {len(splits.val)} val "
                   f"examples, {max_steps} steps, objective={objective}")
