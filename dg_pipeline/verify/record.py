@@ -83,6 +83,7 @@ class GateThresholds:
     max_accuracy_drop: float | None = None
     min_speedup: float = 0.0
     drop_confidence: float = 0.0
+    speed_confidence: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,8 @@ class GateSettings:
     def thresholds(self) -> GateThresholds:
         v = self.verify
         return GateThresholds(min_accuracy=float(v.min_accuracy), max_accuracy_drop=self.max_accuracy_drop,
-                              min_speedup=float(v.min_speedup), drop_confidence=float(v.drop_confidence))
+                              min_speedup=float(v.min_speedup), drop_confidence=float(v.drop_confidence),
+                              speed_confidence=float(v.speed_confidence))
 
 
 def read_gate_record(path: str | Path) -> dict | None:
