@@ -75,3 +75,18 @@ def test_the_gate_records_rounds_spread_bound_vllm_figures_and_checks_the_bound(
     fixed = record["fixed_step_benchmark"]
     assert fixed["max_denoising_steps"] == 4 and fixed["steps_per_canvas"] == 4.0 and fixed["n"] == 2
     assert len(fixed["tokens_per_second"]) == 5 and 0.0 <= fixed["accuracy"] <= 1.0
+
+
+def test_the_quiet_vs_loaded_benchmark_runs_the_gates_measurement_under_both_conditions(tmp_path):
+    from bench.speedup_spread import main
+    from dg_pipeline.model import save_model
+
+    tokenizer = build_board_tokenizer()
+    save_model(build_model("tiny", tokenizer, 17, seed=0), tokenizer, tmp_path / "model")
+    record = main(["--model", str(tmp_path / "model"), "--examples", "1", "--rounds", "2", "--confidence", "0",
+                   "--out", str(tmp_path / "spread.json")])
+    assert json.loads((tmp_path / "spread.json").read_text()) == json.loads(json.dumps(record))
+    for condition in ("quiet", "loaded"):
+        result = record["conditions"][condition]
+        assert len(result["speedup_vs_ar"]) == 2 and len(result["load_average_1m"]) == 2
+        assert result["speedup_vs_ar_spread"]["min"] <= result["speedup_vs_ar_median"]
