@@ -86,7 +86,10 @@ else
   # The ~24M-param sudoku9 model in bf16, sized so that the whole script stays under 8 minutes on one H100/H200.
   SIZE=(data.n_train=16000 data.n_val=128 data.n_eval=128 data.independent.n_eval=128 "trainer.max_steps=$SFT_STEPS"
         trainer.val_check_interval=400 trainer.progress_bar=none)
-  GATE=(verify.batch_size=64 verify.sweep_examples=32 calib.n_samples=64)
+  # The gates run eager (sampler.compile=false): every sampler the gate builds (batch 64, batch 1, the fixed-step
+  # benchmark, each sweep point) would compile its own CUDA graphs; step 2 measures the compiled sampler.
+  GATE=(verify.batch_size=64 verify.speed_examples=8 verify.sweep_examples=32 sampler.compile=false
+        calib.n_samples=64)
   SAMPLER=(--init bench100m --device cuda --dtype bfloat16 --compile true --batch-sizes 1 8 --repeats 5 --warmup 2)
   # seconds per step: base, sft (training + gate), sampler (compile + CUDA graphs), quantize fp8, nvfp4, report
   LIMITS=(30 190 110 100 30 20)
