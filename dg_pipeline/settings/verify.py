@@ -15,7 +15,7 @@ class VerifySettings:
 
     n_eval: Optional[int] = None  # per eval source; null = data.n_eval (or the whole eval file)
     batch_size: int = 16
-    speed_examples: int = 16  # per timing round
+    speed_examples: int = 8  # per timing round
     speed_rounds: int = 5
     speed_confidence: float = 0.95
     fixed_steps_benchmark: Optional[int] = 16  # null = off
