@@ -46,6 +46,19 @@ def test_each_round_decodes_the_same_examples_with_every_decoder_in_a_rotating_o
     assert passes["a"][0].tokens_per_second == 2 / 1.0 and passes["a"][0].first_token_seconds == [0.1, 0.1]
 
 
+def test_every_round_replays_the_block_samplers_seeds_so_rounds_differ_only_by_the_clock():
+    from dg_pipeline.sampling import SamplerConfig
+    from dg_pipeline.verify.gate import diffusion_decoder
+
+    tokenizer = build_board_tokenizer()
+    model = build_model("tiny", tokenizer, 17, seed=0)
+    examples = sudoku_examples(generate_boards(4, 2, 4, 10, seed=0), tokenizer)
+    decoder = diffusion_decoder(model, SamplerConfig.for_model(model, max_denoising_steps=2), tokenizer, 17, seed=0)
+    first, second = interleaved_rounds({"diffusion": decoder}, examples, 2, tokenizer)["diffusion"]
+    assert first.sequences == second.sequences and first.block_steps == second.block_steps
+    assert decoder(examples[:1]).sequences.tolist() != [first.sequences[0]]  # without a restart the seed moves on
+
+
 def test_too_few_rounds_for_the_speed_confidence_is_one_clear_error(gate_settings):
     with pytest.raises(InputError, match=r"verify\.speed_rounds=4 is too few for verify\.speed_confidence=0\.95"):
         gate_settings("verify.speed_rounds=4")

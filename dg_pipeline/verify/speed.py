@@ -65,12 +65,16 @@ def interleaved_rounds(
     tokenizer,
     progress: Progress | None = None,
 ) -> dict[str, list[DecodePass]]:
-    """{decoder name: one batch-1 DecodePass per round}; round r starts with decoder r mod len(decoders)."""
+    """{decoder name: one batch-1 DecodePass per round}; round r starts with decoder r mod len(decoders). A decoder
+    with a `restart()` (the block sampler's seeds) restarts every round, so each round repeats the same work."""
     names = list(decoders)
     passes: dict[str, list[DecodePass]] = {name: [] for name in names}
     task = progress.add_task("speed     batch 1, interleaved", total=rounds * len(names)) if progress else None
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
+            restart = getattr(decoders[name], "restart", None)
+            if restart is not None:
+                restart()
             passes[name].append(run_pass(decoders[name], examples, 1, tokenizer))
             if progress is not None:
                 progress.advance(task)
