@@ -103,3 +103,15 @@ def test_the_quiet_vs_loaded_benchmark_runs_the_gates_measurement_under_both_con
         result = record["conditions"][condition]
         assert len(result["speedup_vs_ar"]) == 2 and len(result["load_average_1m"]) == 2
         assert result["speedup_vs_ar_spread"]["min"] <= result["speedup_vs_ar_median"]
+
+
+def test_the_speed_rounds_take_their_examples_evenly_from_every_eval_source():
+    from dg_pipeline.data.independent import independent_boards
+    from dg_pipeline.verify.gate import speed_subset
+
+    tokenizer = build_board_tokenizer()
+    examples = (sudoku_examples(generate_boards(4, 5, 4, 10, seed=0), tokenizer, eval_source="pipeline")
+                + sudoku_examples(independent_boards(4, 5, 4, 10, seed=0), tokenizer, eval_source="independent"))
+    picked = speed_subset(examples, 4)
+    assert [e.meta["eval_source"] for e in picked] == ["pipeline", "pipeline", "independent", "independent"]
+    assert speed_subset(examples, 3) == examples[:2] + examples[5:6]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,7 @@ from dg_pipeline.data import left_padded_prompts
 from dg_pipeline.sampling import BlockDiffusionSampler, GenerationResult, SamplerConfig, ar_generate
 from dg_pipeline.verify.passes import DecodePass, Generate, run_pass
 from dg_pipeline.verify.speed import SPEEDUP_DEFINITION, interleaved_rounds, speed_summary
-from dg_pipeline.verify.breakdown import accuracy_breakdown, first_per_source, source_accuracies
+from dg_pipeline.verify.breakdown import accuracy_breakdown, first_per_source, source_accuracies, source_of
 from dg_pipeline.verify.plots import plot_step_sweep, plot_trajectory, trajectory_grid
 from dg_pipeline.verify.record import (
     GateSettings,
@@ -226,7 +227,7 @@ def decode_for_gate(model, tokenizer, examples, settings: GateSettings, sampler_
     """All the gate's decoding (diffusion, AR baseline, sweep, the trajectory plot) in eval mode, with progress."""
     v = settings.verify
     batch_size = v.batch_size
-    speed_examples = examples[: v.speed_examples]
+    speed_examples = speed_subset(examples, v.speed_examples)
     max_new = resolve_max_new_tokens(settings.sampler.max_new_tokens, settings.task, examples)
     seed = settings.sampler.seed
     was_training = model.training
@@ -367,6 +368,13 @@ def fixed_steps(steps: int) -> dict[str, int]:
     """Sampler changes that run exactly `steps` denoising steps per block: the stop rule needs the argmax canvas to
     repeat `stability_threshold` times, which cannot happen within `steps` steps when the threshold is `steps`."""
     return {"max_denoising_steps": steps, "stability_threshold": steps}
+
+
+def speed_subset(examples: Sequence, n: int) -> list:
+    """The `n` examples the batch-1 rounds decode, taken evenly from each eval source (the first ones of each), so the
+    speed figure is not one source's step counts."""
+    sources = {source_of(e) for e in examples}
+    return first_per_source(examples, math.ceil(n / max(len(sources), 1)))[:n]
 
 
 def sweep_subset(examples: Sequence, settings: GateSettings) -> list:
