@@ -117,9 +117,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--compare-cuda", action="store_true")
     ap.add_argument("--skip-table", action="store_true", help="with --compare-cuda: only the CUDA comparison")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/quant_error.json)")
     args = ap.parse_args()
     if args.compare_cuda and args.skip_table:
-        console.print(compare_cuda(args.seed))
+        result = compare_cuda(args.seed)
+        console.print(result)
+        atomic_write_json(args.out or RESULTS.with_name("nvfp4_cuda_vs_cpu.json"), result)
         return
 
     tokenizer = build_board_tokenizer()
@@ -162,8 +165,8 @@ def main() -> None:
     if args.compare_cuda:
         result["compare_cuda"] = compare_cuda(args.seed)
         console.print(result["compare_cuda"])
-    atomic_write_json(RESULTS, result)
-    console.print(f"wrote {RESULTS}")
+    atomic_write_json(args.out or RESULTS, result)
+    console.print(f"wrote {args.out or RESULTS}")
 
 
 if __name__ == "__main__":

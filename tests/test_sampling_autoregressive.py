@@ -72,3 +72,29 @@ def test_sampling_is_reproducible_with_a_seed(model, left_padded_prompts):
 def test_sampling_needs_a_positive_temperature(model, left_padded_prompts):
     with pytest.raises(InputError, match="temperature=0"):
         ar_generate(model, *left_padded_prompts, 4, do_sample=True, temperature=0)
+
+
+@pytest.mark.parametrize("rows", ["left-padded batch", "one unpadded row"])
+def test_the_lean_causal_step_computes_the_encoders_own_logits_bit_for_bit(model, left_padded_prompts, rows):
+    """CausalStep (rotary once per call, masks only where padding needs them, lm_head on the last position) is the
+    HF encoder forward's arithmetic: equal logits at every decoding step, past the sliding window (8) too. The prefill
+    projects only its last position (as HF's generate does, logits_to_keep=1): a different GEMM shape, so equal to
+    float rounding."""
+    from transformers import DynamicCache
+
+    from dg_pipeline.sampling.autoregressive import CausalStep
+
+    ids, mask = left_padded_prompts if rows == "left-padded batch" else (left_padded_prompts[0][:1], left_padded_prompts[1][:1])
+    ours_cache, hf_cache = DynamicCache(config=model.config.get_text_config()), DynamicCache(config=model.config.get_text_config())
+    step = CausalStep(model, ours_cache, ids.shape[1] + 12, padded=not bool(mask.all()), device=ids.device)
+    tokens, start = ids, 0
+    with torch.inference_mode():
+        for _ in range(12):
+            positions = torch.arange(start, start + tokens.shape[1], dtype=torch.int32).unsqueeze(0)
+            expected = encoder_causal_lm_logits(model, tokens, mask.long(), past_key_values=hf_cache,
+                                                position_ids=positions)[:, -1]
+            got = step(tokens, mask, start)
+            assert torch.equal(got, expected) if start else torch.allclose(got, expected, rtol=0, atol=1e-6)
+            start += tokens.shape[1]
+            tokens = expected.argmax(-1)[:, None]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)

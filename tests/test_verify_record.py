@@ -25,7 +25,8 @@ def a_record(**overrides):
 
 def test_default_config_thresholds_only_require_a_non_negative_accuracy(gate_settings):
     t = gate_settings("stage=sft").thresholds
-    assert t == GateThresholds(min_accuracy=0.0, max_accuracy_drop=None, min_speedup=0.0, drop_confidence=0.95)
+    assert t == GateThresholds(min_accuracy=0.0, max_accuracy_drop=None, min_speedup=0.0, drop_confidence=0.95,
+                              speed_confidence=0.95)
 
 
 def test_a_quantize_gate_takes_the_formats_allowed_drop_unless_verify_sets_one(gate_settings):

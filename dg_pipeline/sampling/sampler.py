@@ -57,6 +57,11 @@ class GenerationResult:
     steps_per_block: list[list[int]]  # [block][row] denoising steps (0: the row had already ended); [] for AR
     wall_time_s: float
     trajectory: list[TrajectoryStep] | None = field(default=None, repr=False)
+    # Seconds from the call until the first output token was final (the first block committed; AR: the first token).
+    first_token_s: float | None = None
+    # Canvas positions the decoder evaluated, all rows together (rows x canvas length per forward, stopped rows kept
+    # in a fixed-shape batch included); AR: one position per row per forward.
+    positions_evaluated: int | None = None
 
     @property
     def tokens_per_forward(self) -> torch.Tensor:
@@ -130,6 +135,8 @@ class BlockDiffusionSampler:
         blocks: list[torch.Tensor] = []
         steps_per_block: list[list[int]] = []
         trajectory: list[TrajectoryStep] | None = [] if record_trajectory else None
+        first_token_s: float | None = None
+        positions = 0
 
         # Off-GPU the serial noise draw of a large vocabulary is worth overlapping with the step's compute.
         noise_elements = batch * self.canvas_length * self.vocab_size
@@ -140,8 +147,11 @@ class BlockDiffusionSampler:
             for block_index in range(num_blocks):
                 if blocks:
                     cache.append(blocks[-1])
-                block, steps = self._denoise_block(cache, ended, stream, block_index, trajectory)
+                block, steps, evaluated = self._denoise_block(cache, ended, stream, block_index, trajectory)
                 forwards += steps
+                positions += evaluated
+                if first_token_s is None:
+                    first_token_s = self._elapsed(start_time)
                 ended_here = contains_eos(block, eos_ids) if eos_ids is not None else torch.zeros_like(ended)
                 if pad_id is not None:
                     # Rows that ended in an earlier block get pad; rows ending here get pad after their EOS.
@@ -168,7 +178,14 @@ class BlockDiffusionSampler:
             steps_per_block=steps_per_block,
             wall_time_s=time.perf_counter() - start_time,
             trajectory=trajectory,
+            first_token_s=first_token_s,
+            positions_evaluated=positions,
         )
+
+    def _elapsed(self, start_time: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start_time
 
     def _new_cache(self, attention_mask: torch.Tensor, committed_length: int):
         if not self.static_cache:
@@ -188,8 +205,9 @@ class BlockDiffusionSampler:
         stream: RandomStream,
         block_index: int,
         trajectory: list[TrajectoryStep] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Denoise one canvas -> (argmax canvas (B, C), denoising steps counted per row (B,))."""
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Denoise one canvas -> (argmax canvas (B, C), denoising steps counted per row (B,), canvas positions the
+        decoder evaluated)."""
         batch, length, device = cache.batch_size, self.canvas_length, self.device
         canvas = stream.initial_canvas()
         argmax = canvas.clone()
@@ -201,6 +219,7 @@ class BlockDiffusionSampler:
         rotary = self.decoder_pass.rotary_tables(view.positions)
         temperatures = self.schedule.table(device)
         rows, rows_view = None, view  # rows still denoising, once some have stopped (dynamic cache only)
+        evaluated = 0
 
         for step in self.schedule.steps():
             row0_active = trajectory is not None and not bool(done[0])
@@ -208,6 +227,7 @@ class BlockDiffusionSampler:
             draws = stream.step(prefetch_next=step > 1)
             exponential = draws.exponential
             temperature = temperatures[step]
+            evaluated += length * (batch if rows is None else rows.numel())
             if rows is None:
                 out = self._run_step(canvas, self_conditioning, temperature, exponential, draws.fresh_tokens, view,
                                      rotary)
@@ -239,7 +259,7 @@ class BlockDiffusionSampler:
                 # Stopped rows leave the batch: the others' results are unchanged, the stopped rows' compute saved.
                 rows = (~done).nonzero().squeeze(1)
                 rows_view = cache.rows_view(view, rows)
-        return argmax, counted
+        return argmax, counted, evaluated
 
     def _run_step(self, canvas, self_conditioning, temperature, exponential, fresh, view: DecoderView, rotary):
         if not self.compiled:

@@ -15,7 +15,10 @@ class VerifySettings:
 
     n_eval: Optional[int] = None  # per eval source; null = data.n_eval (or the whole eval file)
     batch_size: int = 16
-    speed_examples: int = 32
+    speed_examples: int = 8  # per timing round
+    speed_rounds: int = 5
+    speed_confidence: float = 0.95
+    fixed_steps_benchmark: Optional[int] = 16  # null = off
     min_accuracy: float = 0.0
     max_accuracy_drop: Optional[float] = None  # null = the stage's own allowance (quant/export), else no drop check
     drop_confidence: float = 0.95
@@ -34,6 +37,18 @@ class VerifySettings:
             check_positive_int("verify.n_eval", self.n_eval, "a positive number of examples (or null = data.n_eval)")
         check_positive_int("verify.batch_size", self.batch_size)
         check_positive_int("verify.speed_examples", self.speed_examples)
+        check_positive_int("verify.speed_rounds", self.speed_rounds)
+        if not 0.0 <= self.speed_confidence < 1.0:
+            raise InputError(f"verify.speed_confidence={self.speed_confidence}: must be in [0, 1) (0 = check the median)")
+        # The minimum of n rounds bounds their median at 1 - 2^-n: fewer rounds cannot give the confidence asked for.
+        if self.speed_confidence and 1.0 - 0.5**self.speed_rounds < self.speed_confidence:
+            raise InputError(
+                f"verify.speed_rounds={self.speed_rounds} is too few for verify.speed_confidence={self.speed_confidence}"
+                f" (the minimum of {self.speed_rounds} rounds bounds the median at "
+                f"{1.0 - 0.5**self.speed_rounds:.3f}); raise speed_rounds or set speed_confidence=0 (check the median)"
+            )
+        check_positive_int("verify.fixed_steps_benchmark", self.fixed_steps_benchmark,
+                           "a positive number of denoising steps (or null = off)", optional=True)
         if not 0.0 <= self.min_accuracy <= 1.0:
             raise InputError(f"verify.min_accuracy={self.min_accuracy}: must be a fraction in [0, 1]")
         check_number("verify.max_accuracy_drop", self.max_accuracy_drop, low=0.0, optional=True)

@@ -2,16 +2,20 @@
 
 Measured (all on the same weights, same prompts, same scorer):
 - accuracy: block-diffusion sampler over all eval examples at batch `verify.batch_size`;
-- throughput: generated tokens per second of generate() wall time (prefill included), at batch 1 (the first
-  `verify.speed_examples` examples) and at the configured batch (the accuracy pass); each pass follows an untimed
-  warm-up call of its shape. A *generated token* is a response token up to and including the first EOS (padding
-  and anything after EOS is not counted), so diffusion and AR are charged for the same useful output;
-- tokens_per_forward: tokens the sampler committed / decoder forwards it ran (accuracy pass);
-- mean_denoising_steps: mean denoising steps per block (accuracy pass);
+- throughput: generated tokens per second of generate() wall time (prefill included; passes.TOKENS_PER_SECOND_
+  DEFINITION), at the configured batch (the accuracy pass) and at batch 1: `verify.speed_rounds` interleaved rounds
+  over the first `verify.speed_examples` examples (speed.py), each decoder warmed up first. A *generated token* is
+  a response token up to and including the first EOS, so diffusion and AR are charged for the same useful output;
+- tokens_per_forward (= tokens committed per denoising step), mean_denoising_steps (= steps per canvas), canvas
+  positions evaluated per token (accuracy pass), time to first token (batch 1, median over rounds);
 - the AR baseline (`ar_generate`, greedy, KV cache): accuracy at batch B and tokens/s at batch 1 and B;
-- speedup_vs_ar = diffusion tokens/s / AR tokens/s, both at batch 1 (single-user decode, where block diffusion is
-  meant to win); the batch-B ratio is recorded as `speedup_vs_ar_batch`.
-Then the checks (verify.min_accuracy, verify.max_accuracy_drop vs a reference verify.json, verify.min_speedup),
+- speedup_vs_ar = median over rounds of diffusion tokens/s / AR tokens/s at batch 1 (single-user decode, where block
+  diffusion is meant to win), with its spread and lower confidence bound; the batch-B ratio is
+  `speedup_vs_ar_batch`;
+- the fixed-step benchmark (`verify.fixed_steps_benchmark` steps per block, no adaptive stop, as vLLM's published
+  DiffusionGemma measurement runs): timed in the same rounds.
+Then the checks (verify.min_accuracy, verify.max_accuracy_drop vs a reference verify.json, verify.min_speedup on the
+speedup's lower confidence bound when verify.speed_confidence > 0),
 verify.json (atomic; written before a failure is raised), the console table and the plots. The gate reads its
 settings from a GateSettings (the verify and sampler groups, the task), never from the whole config.
 """
@@ -21,21 +25,22 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
-
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import atomic_write_text
 from dg_pipeline.core.progress import progress_bar
 from dg_pipeline.data import left_padded_prompts
 from dg_pipeline.sampling import BlockDiffusionSampler, GenerationResult, SamplerConfig, ar_generate
-from dg_pipeline.verify.breakdown import accuracy_breakdown, first_per_source, source_accuracies
+from dg_pipeline.verify.passes import DecodePass, Generate, run_pass
+from dg_pipeline.verify.speed import SPEEDUP_DEFINITION, interleaved_rounds, speed_summary
+from dg_pipeline.verify.breakdown import accuracy_breakdown, first_per_source, source_accuracies, source_of
 from dg_pipeline.verify.plots import plot_step_sweep, plot_trajectory, trajectory_grid
 from dg_pipeline.verify.record import (
     Check,
@@ -53,77 +58,6 @@ from dg_pipeline.verify.scorers import Score, aggregate, scorer_class, scorer_fo
 
 # Default max_new_tokens for free-form completions when sampler.max_new_tokens is null.
 DEFAULT_COMPLETION_TOKENS = 256
-SPEEDUP_DEFINITION = "diffusion tokens/s / AR tokens/s, both at batch 1 on the same examples and weights"
-
-
-# ------------------------------------------------------------------------------------------- one decoding pass
-
-
-@dataclass
-class DecodePass:
-    """What one decoder produced over a list of examples, summed over its batches."""
-
-    sequences: list[list[int]] = field(default_factory=list)
-    seconds: float = 0.0  # time inside generate() (the decoders' own wall_time_s, device synchronised)
-    generated_tokens: int = 0  # response tokens up to and including the first EOS
-    decoder_forwards: int = 0
-    committed_tokens: int = 0
-    block_steps: list[int] = field(default_factory=list)  # denoising steps of every (row, block) that ran
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def tokens_per_forward(self) -> float | None:
-        return self.committed_tokens / self.decoder_forwards if self.decoder_forwards else None
-
-    @property
-    def mean_denoising_steps(self) -> float | None:
-        return sum(self.block_steps) / len(self.block_steps) if self.block_steps else None
-
-
-def useful_length(seq: Sequence[int], eos_ids: Sequence[int], pad_id: int | None) -> int:
-    """Response tokens up to and including the first EOS (any of `eos_ids`); without EOS, the tokens before
-    padding."""
-    for i, t in enumerate(seq):
-        if t in eos_ids:
-            return i + 1
-        if pad_id is not None and t == pad_id:
-            return i
-    return len(seq)
-
-
-Generate = Callable[..., GenerationResult]  # a batch of Examples -> the decoder's result
-
-
-def run_pass(
-    generate: Generate,
-    examples: Sequence,
-    batch_size: int,
-    tokenizer,
-    progress: Progress | None = None,
-    label: str = "",
-    eos_token_ids: Sequence[int] = (),
-) -> DecodePass:
-    """Decode `examples` in batches of `batch_size` and add up what the decoder reports (a response ends at any of
-    `eos_token_ids`, the model's stop ids; () = the tokenizer's eos)."""
-    eos_ids = tuple(eos_token_ids) or (tokenizer.eos_token_id,)
-    out = DecodePass()
-    task = progress.add_task(label, total=len(examples)) if progress is not None else None
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
-        result = generate(batch)
-        rows = result.sequences.tolist()
-        out.sequences.extend(rows)
-        out.seconds += result.wall_time_s
-        out.generated_tokens += sum(useful_length(r, eos_ids, tokenizer.pad_token_id) for r in rows)
-        out.decoder_forwards += int(result.decoder_forwards.sum())
-        out.committed_tokens += int(result.committed_tokens.sum())
-        out.block_steps.extend(s for block in result.steps_per_block for s in block if s > 0)  # 0 = row had ended
-        if progress is not None:
-            progress.advance(task, len(batch))
-    return out
 
 
 # ------------------------------------------------------------------------------------------- decoders
@@ -138,18 +72,26 @@ def resolve_max_new_tokens(max_new_tokens: int | None, task: str, examples: Sequ
     return DEFAULT_COMPLETION_TOKENS
 
 
+class DiffusionDecoder:
+    """The block sampler on batches of examples: a distinct, reproducible seed per call (so batches do not share their
+    random canvases); `restart` replays the same seeds (timing rounds then repeat the same work)."""
+
+    def __init__(self, model, sampler_config: SamplerConfig, tokenizer, max_new_tokens: int, seed: int):
+        self.sampler = BlockDiffusionSampler(model, sampler_config)
+        self.tokenizer, self.max_new_tokens, self.seed = tokenizer, max_new_tokens, seed
+        self.restart()
+
+    def restart(self) -> None:
+        self.calls = itertools.count()
+
+    def __call__(self, batch, record_trajectory: bool = False) -> GenerationResult:
+        ids, mask = left_padded_prompts(batch, self.tokenizer.pad_token_id)
+        return self.sampler.generate(ids, mask, max_new_tokens=self.max_new_tokens, seed=self.seed + next(self.calls),
+                                     record_trajectory=record_trajectory)
+
+
 def diffusion_decoder(model, sampler_config: SamplerConfig, tokenizer, max_new_tokens: int, seed: int) -> Generate:
-    sampler = BlockDiffusionSampler(model, sampler_config)
-    calls = itertools.count()
-
-    def generate(batch, record_trajectory: bool = False):
-        ids, mask = left_padded_prompts(batch, tokenizer.pad_token_id)
-        # A distinct, reproducible seed per call, so batches do not share their random canvases.
-        return sampler.generate(
-            ids, mask, max_new_tokens=max_new_tokens, seed=seed + next(calls), record_trajectory=record_trajectory
-        )
-
-    return generate
+    return DiffusionDecoder(model, sampler_config, tokenizer, max_new_tokens, seed)
 
 
 def ar_decoder(model, tokenizer, max_new_tokens: int) -> Generate:
@@ -160,16 +102,20 @@ def ar_decoder(model, tokenizer, max_new_tokens: int) -> Generate:
     return generate
 
 
-def measure(generate: Generate, examples: Sequence, batch_size: int, speed_n: int, tokenizer, progress, name: str,
-            eos_token_ids: Sequence[int] = ()):
-    """(pass over all examples at `batch_size`, pass over the first `speed_n` at batch 1), each after an untimed
-    warm-up call of its own shape, so neither pays one-time costs (lazy init, compilation, CUDA graphs)."""
+def measure(generate: Generate, examples: Sequence, batch_size: int, tokenizer, progress, name: str,
+            eos_token_ids: Sequence[int] = ()) -> DecodePass:
+    """The pass over all examples at `batch_size`, after an untimed warm-up call of its shape (so it pays no one-time
+    costs: lazy init, compilation, CUDA graphs)."""
     generate(examples[:batch_size])
-    batched = run_pass(generate, examples, batch_size, tokenizer, progress, f"{name:<9} batch {batch_size}",
-                       eos_token_ids)
-    generate(examples[:1])
-    single = run_pass(generate, examples[:speed_n], 1, tokenizer, progress, f"{name:<9} batch 1", eos_token_ids)
-    return batched, single
+    return run_pass(generate, examples, batch_size, tokenizer, progress, f"{name:<9} batch {batch_size}", eos_token_ids)
+
+
+def measure_speed(decoders: Mapping[str, Generate], examples: Sequence, rounds: int, tokenizer, progress,
+                  eos_token_ids: Sequence[int] = ()) -> dict[str, list[DecodePass]]:
+    """Batch-1 passes over `examples`, `rounds` interleaved rounds (speed.py), after one untimed batch-1 call each."""
+    for generate in decoders.values():
+        generate(examples[:1])
+    return interleaved_rounds(decoders, examples, rounds, tokenizer, progress, eos_token_ids)
 
 
 def model_device(model) -> torch.device:
@@ -190,9 +136,8 @@ class GateDecodes:
     """Every decoding pass of one gate."""
 
     diffusion: DecodePass  # all examples at batch B: accuracy, tokens/forward, steps, tokens/s @ B
-    diffusion_single: DecodePass  # the speed subset at batch 1: tokens/s @ 1
     ar: DecodePass | None  # None when verify.ar_baseline=false
-    ar_single: DecodePass | None
+    speed: dict[str, list[DecodePass]]  # batch-1 rounds on the speed subset: diffusion, ar, fixed_steps
     sweep: list[dict]  # fixed step counts (verify.sweep_steps)
     sweep_adaptive: dict | None  # the main pass (the adaptive stop) on the sweep's examples
     plots: dict
@@ -236,6 +181,7 @@ def run_gate(
     ar_scores = [scorer.score(s, e) for s, e in zip(decodes.ar.sequences, examples)] if decodes.ar else None
     record = measurements(stage, input_dir, scorer.metric, examples, scores, ar_scores, decodes, settings,
                           sampler_config, ref)
+    record["fixed_step_benchmark"] = fixed_step_point(decodes.speed, examples, scorer, settings)
     record.update(accuracy_breakdown(examples, [sc.correct for sc in scores],
                                      [sc.correct for sc in ar_scores] if ar_scores else None, scorer.strata))
     record["simulated"] = bool(simulated)
@@ -248,7 +194,11 @@ def run_gate(
                                  "confidence": thresholds.drop_confidence,
                                  "drop_lower_bound": paired.drop_lower_bound(thresholds.drop_confidence)
                                  if thresholds.drop_confidence else paired.drop}
-    task_checks = gate_checks(record["accuracy"], record["speedup_vs_ar"], thresholds, ref, paired)
+    speedup_checked = record["speedup_vs_ar"]
+    if thresholds.speed_confidence and record["speedup_vs_ar_lower_bound"] is not None:
+        # Rounds timed under load: only a speedup that holds at this confidence passes.
+        speedup_checked = record["speedup_vs_ar_lower_bound"]
+    task_checks = gate_checks(record["accuracy"], speedup_checked, thresholds, ref, paired)
     finalize_record(record, [*task_checks, *checks])
     _write_predictions(out_dir, examples, scores, ar_scores)
     record["seconds"]["gate_total"] = time.perf_counter() - t_start
@@ -282,27 +232,32 @@ def decode_for_gate(model, tokenizer, examples, settings: GateSettings, sampler_
     """All the gate's decoding (diffusion, AR baseline, sweep, the trajectory plot) in eval mode, with progress."""
     v = settings.verify
     batch_size = v.batch_size
-    speed_n = min(len(examples), v.speed_examples)
+    speed_examples = speed_subset(examples, v.speed_examples)
     max_new = resolve_max_new_tokens(settings.sampler.max_new_tokens, settings.task, examples)
     seed = settings.sampler.seed
     was_training = model.training
     model.eval()
     try:
         diffusion = diffusion_decoder(model, sampler_config, tokenizer, max_new, seed)
+        speed_decoders: dict[str, Generate] = {"diffusion": diffusion}
         with progress_bar(console, prefix="[bold]verify[/bold] ") as progress:
             eos = sampler_config.eos_token_ids
-            main, single = measure(diffusion, examples, batch_size, speed_n, tokenizer, progress, "diffusion", eos)
-            ar_main = ar_single = None
+            main = measure(diffusion, examples, batch_size, tokenizer, progress, "diffusion", eos)
+            ar_main = None
             if v.ar_baseline:
-                ar = ar_decoder(model, tokenizer, max_new)
-                ar_main, ar_single = measure(ar, examples, batch_size, speed_n, tokenizer, progress, "AR", eos)
+                speed_decoders["ar"] = ar = ar_decoder(model, tokenizer, max_new)
+                ar_main = measure(ar, examples, batch_size, tokenizer, progress, "AR", eos)
+            if v.fixed_steps_benchmark:
+                fixed = sampler_config.replace(**fixed_steps(v.fixed_steps_benchmark))
+                speed_decoders["fixed_steps"] = diffusion_decoder(model, fixed, tokenizer, max_new, seed)
+            speed = measure_speed(speed_decoders, speed_examples, v.speed_rounds, tokenizer, progress, eos)
             sweep = sweep_steps(model, settings, tokenizer, examples, scorer, max_new, seed, batch_size, progress)
         adaptive = adaptive_point(main, examples, scorer, settings, sampler_config) if sweep else None
         plots = (write_plots(diffusion, tokenizer, examples[0], sweep, scorer.metric, out_dir, adaptive)
                  if v.plots else {})
     finally:
         model.train(was_training)
-    return GateDecodes(main, single, ar_main, ar_single, sweep, adaptive, plots, device_name(model_device(model)))
+    return GateDecodes(main, ar_main, speed, sweep, adaptive, plots, device_name(model_device(model)))
 
 
 def measurements(stage, input_dir, metric, examples, scores, ar_scores, d: GateDecodes, settings: GateSettings,
@@ -310,19 +265,30 @@ def measurements(stage, input_dir, metric, examples, scores, ar_scores, d: GateD
     """verify.json's measurements (checks and `passed` are added by finalize_record)."""
     summary = aggregate(scores)
     ar_summary = aggregate(ar_scores) if ar_scores else {}
-    ar, ar_single = d.ar, d.ar_single
+    ar = d.ar
+    speed = speed_summary(d.speed, settings.verify.speed_confidence)
+    diffusion_speed, ar_speed = speed["decoders"]["diffusion"], speed["decoders"].get("ar", {})
     return {
         "stage": stage,
         "input": str(input_dir),
         "metric": metric,
         "accuracy": summary["accuracy"],
         "n_eval": len(examples),
-        "tokens_per_second": d.diffusion_single.tokens_per_second,
+        "tokens_per_second": diffusion_speed["tokens_per_second_median"],
         "tokens_per_forward": d.diffusion.tokens_per_forward,
         "mean_denoising_steps": d.diffusion.mean_denoising_steps,
         "ar_accuracy": ar_summary.get("accuracy"),
-        "ar_tokens_per_second": ar_single.tokens_per_second if ar_single else None,
-        "speedup_vs_ar": _ratio(d.diffusion_single.tokens_per_second, ar_single.tokens_per_second if ar_single else None),
+        "ar_tokens_per_second": ar_speed.get("tokens_per_second_median"),
+        "speedup_vs_ar": speed.get("speedup_vs_ar_median"),
+        "speedup_vs_ar_lower_bound": speed.get("speedup_vs_ar_lower_bound"),
+        "speedup_vs_ar_spread": speed.get("speedup_vs_ar_spread"),
+        # The figures vLLM's DiffusionGemma measurement reports (accuracy pass; time to first token at batch 1).
+        "tokens_per_step": d.diffusion.tokens_per_forward,
+        "steps_per_canvas": d.diffusion.mean_denoising_steps,
+        "positions_per_token": d.diffusion.positions_per_token,
+        "canvas_positions_evaluated": d.diffusion.positions_evaluated,
+        "ttft_s": diffusion_speed["ttft_s_median"],
+        "ar_ttft_s": ar_speed.get("ttft_s_median"),
         "device": d.device,
         "batch_size": settings.verify.batch_size,
         **{k: val for k, val in summary.items() if k != "accuracy"},
@@ -330,16 +296,17 @@ def measurements(stage, input_dir, metric, examples, scores, ar_scores, d: GateD
         "tokens_per_second_batch": d.diffusion.tokens_per_second,
         "ar_tokens_per_second_batch": ar.tokens_per_second if ar else None,
         "speedup_vs_ar_batch": _ratio(d.diffusion.tokens_per_second, ar.tokens_per_second if ar else None),
-        "tokens_per_forward_batch1": d.diffusion_single.tokens_per_forward,
+        "tokens_per_forward_batch1": diffusion_speed["tokens_per_step"],
         "ar_tokens_per_forward": ar.tokens_per_forward if ar else None,
         "speedup_definition": SPEEDUP_DEFINITION,
-        "speed_examples": len(d.diffusion_single.sequences),
+        "speed_examples": diffusion_speed["examples"],
+        "speed": speed,
         "max_new_tokens": resolve_max_new_tokens(settings.sampler.max_new_tokens, settings.task, examples),
         "generated_tokens": {
             "diffusion_batch": d.diffusion.generated_tokens,
-            "diffusion_batch1": d.diffusion_single.generated_tokens,
+            "diffusion_batch1": d.speed["diffusion"][0].generated_tokens,
             "ar_batch": ar.generated_tokens if ar else None,
-            "ar_batch1": ar_single.generated_tokens if ar_single else None,
+            "ar_batch1": d.speed["ar"][0].generated_tokens if "ar" in d.speed else None,
         },
         "sampler": _jsonable(dataclasses.asdict(sampler_config)),
         "seed": settings.sampler.seed,
@@ -350,11 +317,25 @@ def measurements(stage, input_dir, metric, examples, scores, ar_scores, d: GateD
         "plots": d.plots,
         "seconds": {
             "diffusion_batch": d.diffusion.seconds,
-            "diffusion_batch1": d.diffusion_single.seconds,
+            "diffusion_batch1": sum(p.seconds for p in d.speed["diffusion"]),
             "ar_batch": ar.seconds if ar else None,
-            "ar_batch1": ar_single.seconds if ar_single else None,
+            "ar_batch1": sum(p.seconds for p in d.speed["ar"]) if "ar" in d.speed else None,
         },
     }
+
+
+def fixed_step_point(speed: Mapping[str, list[DecodePass]], examples: Sequence, scorer,
+                     settings: GateSettings) -> dict | None:
+    """The fixed-step benchmark (verify.fixed_steps_benchmark steps per block, no adaptive stop; vLLM's published
+    DiffusionGemma measurement runs 16): batch-1 figures from the speed rounds, accuracy on the speed examples."""
+    runs = speed.get("fixed_steps")
+    if not runs:
+        return None
+    first = runs[0]
+    summary = speed_summary({"fixed_steps": runs}, settings.verify.speed_confidence)["decoders"]["fixed_steps"]
+    scored = [scorer.score(seq, e) for seq, e in zip(first.sequences, examples)]
+    return {"max_denoising_steps": settings.verify.fixed_steps_benchmark, "confidence_threshold": "off (no adaptive stop)",
+            "accuracy": aggregate(scored)["accuracy"], "n": len(scored), **summary}
 
 
 def first_examples(examples: Sequence, n: int | None) -> list:
@@ -393,6 +374,13 @@ def fixed_steps(steps: int) -> dict[str, int]:
     """Sampler changes that run exactly `steps` denoising steps per block: the stop rule needs the argmax canvas to
     repeat `stability_threshold` times, which cannot happen within `steps` steps when the threshold is `steps`."""
     return {"max_denoising_steps": steps, "stability_threshold": steps}
+
+
+def speed_subset(examples: Sequence, n: int) -> list:
+    """The `n` examples the batch-1 rounds decode, taken evenly from each eval source (the first ones of each), so the
+    speed figure is not one source's step counts."""
+    sources = {source_of(e) for e in examples}
+    return first_per_source(examples, math.ceil(n / max(len(sources), 1)))[:n]
 
 
 def sweep_subset(examples: Sequence, settings: GateSettings) -> list:

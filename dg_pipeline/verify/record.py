@@ -100,6 +100,7 @@ class GateThresholds:
     min_speedup: float = 0.0
     drop_confidence: float = 0.0
     allow_flat_metric: bool = False
+    speed_confidence: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class GateSettings:
         v = self.verify
         return GateThresholds(min_accuracy=float(v.min_accuracy), max_accuracy_drop=self.max_accuracy_drop,
                               min_speedup=float(v.min_speedup), drop_confidence=float(v.drop_confidence),
-                              allow_flat_metric=bool(v.allow_flat_metric))
+                              allow_flat_metric=bool(v.allow_flat_metric), speed_confidence=float(v.speed_confidence))
 
 
 def read_gate_record(path: str | Path) -> dict | None:

@@ -31,6 +31,8 @@ STAGE_COLUMNS = (
     ("AR indep.", ("by_source", "independent", "ar_accuracy"), "{:.3f}"),
     ("AR tok/s", "ar_tokens_per_second", "{:,.1f}"),
     ("speedup", "speedup_vs_ar", "{:.2f}x"),
+    ("speedup lb", "speedup_vs_ar_lower_bound", "{:.2f}x"),
+    ("TTFT s", "ttft_s", "{:.3f}"),
     ("device", "device", "{}"),
 )
 
@@ -91,7 +93,17 @@ def gate_table(record: Mapping[str, Any]) -> Group:
         "tokens / forward", fmt(record["tokens_per_forward"], "{:.2f}"), fmt(record.get("ar_tokens_per_forward"), "{:.2f}")
     )
     measures.add_row("denoising steps / block", fmt(record["mean_denoising_steps"], "{:.1f}"), "-")
-    measures.add_row("speedup vs AR @ batch 1", fmt(record["speedup_vs_ar"], "{:.2f}x"), "")
+    measures.add_row("canvas positions / token", fmt(record.get("positions_per_token"), "{:.2f}"), "1.00")
+    ms = "{:.1f} ms"
+    measures.add_row("time to first token @ batch 1", fmt(_ms(record.get("ttft_s")), ms),
+                     fmt(_ms(record.get("ar_ttft_s")), ms))
+    measures.add_row("speedup vs AR @ batch 1", speedup_cell(record), "")
+    fixed = record.get("fixed_step_benchmark")
+    if fixed:
+        measures.add_row(
+            f"fixed {fixed['max_denoising_steps']} steps @ batch 1: tokens/s, tok/step, {record['metric']}",
+            f"{fmt(fixed.get('tokens_per_second_median'), tps)}, {fmt(fixed.get('tokens_per_step'), '{:.2f}')}, "
+            f"{fmt(fixed.get('accuracy'), acc)}", "")
 
     tables = [measures, *breakdown_tables(record)]
     checks = Table(title=f"gate: {_mark(record['passed'], True)}", title_justify="left")
@@ -105,6 +117,23 @@ def gate_table(record: Mapping[str, Any]) -> Group:
             _mark(check["passed"], True),
         )
     return Group(*tables, checks)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def speedup_cell(record: Mapping[str, Any]) -> str:
+    """median [min-max over rounds], >= lower bound at the confidence."""
+    median = record.get("speedup_vs_ar")
+    spread = record.get("speedup_vs_ar_spread") or {}
+    cell = fmt(median, "{:.2f}x")
+    if spread:
+        cell += f" [{spread['min']:.2f}-{spread['max']:.2f}]"
+    bound, speed = record.get("speedup_vs_ar_lower_bound"), record.get("speed") or {}
+    if bound is not None:
+        cell += f", >= {bound:.2f}x at {speed.get('confidence', 0):.0%} ({speed.get('rounds')} rounds)"
+    return cell
 
 
 def breakdown_tables(record: Mapping[str, Any]) -> list[Table]:

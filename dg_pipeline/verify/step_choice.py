@@ -16,7 +16,8 @@ from typing import Sequence
 from rich.console import Console
 
 from dg_pipeline.sampling import SamplerConfig
-from dg_pipeline.verify.gate import diffusion_decoder, pass_point, resolve_max_new_tokens, run_pass
+from dg_pipeline.verify.gate import diffusion_decoder, pass_point, resolve_max_new_tokens
+from dg_pipeline.verify.passes import run_pass
 from dg_pipeline.verify.record import GateSettings
 from dg_pipeline.verify.scorers import scorer_for
 
