@@ -30,6 +30,8 @@ SMALL = [
     "trainer.max_steps=8", "trainer.warmup_steps=1", "trainer.val_check_interval=3", "trainer.progress_bar=none",
     "verify.batch_size=4", "verify.speed_examples=1", "verify.plots=false", "sampler.max_denoising_steps=4",
     "device=cpu", "quant.formats=[fp8]", "calib.n_samples=4", "calib.batch_size=4", "quant.probe_prompts=2",
+    "verify.allow_flat_metric=true",  # a tiny model after 8 steps solves nothing: the drop check cannot fail
+    "quant.max_logits_error=0.5",  # an untrained model's fp8 logits error (~0.15) is far above a trained one's
 ]
 LAYOUTS = {"1 process": [], "ddp x 2": ["trainer.strategy=ddp", "trainer.devices=2"],
            "fsdp x 2": ["trainer.strategy=fsdp", "trainer.devices=2"]}
