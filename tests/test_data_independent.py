@@ -129,3 +129,12 @@ def test_bad_independent_settings_name_their_key():
         sudoku_cfg(independent={"seed": "x"})
     with pytest.raises(InputError, match=r"data\.independent\.n_eval=-1"):
         sudoku_cfg(independent={"n_eval": -1})
+
+
+def test_clue_weights_shape_the_generated_splits_and_never_the_independent_set(tmp_path):
+    tok = build_board_tokenizer()
+    splits = load_splits(sudoku_cfg(clue_weights=[1, 0, 0, 0, 0, 0, 0]), tok, tmp_path, seed=1)
+    assert {clues(e.meta["puzzle"]) for e in [*splits.train, *splits.val, *splits.eval]} == {4}
+    assert {clues(e.meta["puzzle"]) for e in splits.independent} == set(range(4, 11))
+    with pytest.raises(InputError, match=r"data.clue_weights=.*one per clue count 4..10"):
+        load_splits(sudoku_cfg(clue_weights=[1, 1]), tok, tmp_path / "bad", seed=1)

@@ -201,9 +201,7 @@ def _generated_splits(
         raise InputError("data.n_train is required to generate Sudoku boards (fix: e.g. data.n_train=20000)")
     min_clues, max_clues, workers = data.min_clues, data.max_clues, data.workers
     check_clue_range(size, min_clues, max_clues)
-    clue_weights = _key(cfg, "clue_weights")
-    clue_weights = [float(w) if isinstance(w, (int, float)) and not isinstance(w, bool) else w
-                    for w in clue_weights] if clue_weights is not None else None
+    clue_weights = list(data.clue_weights) if data.clue_weights is not None else None
     check_clue_weights(min_clues, max_clues, clue_weights)
     held_out = [b.puzzle for b in eval_boards] if eval_boards is not None else None
     params = {
