@@ -90,7 +90,8 @@ def test_the_eval_side_carries_the_independent_set_tagged_by_source(tmp_path):
 
 def test_training_data_is_disjoint_from_the_independent_set_even_where_the_generators_collide(tmp_path):
     # Only 4-clue boards: few enough distinct puzzles that the training stream hits independent ones.
-    cfg = sudoku_cfg(min_clues=4, max_clues=4, n_train=2000, n_val=100, n_eval=20, independent={"n_eval": 200})
+    cfg = sudoku_cfg(min_clues=4, max_clues=4, clue_weights=None, n_train=2000, n_val=100, n_eval=20,
+                     independent={"n_eval": 200})
     held_out = {b.puzzle for b in independent_boards(4, 200, 4, 4, seed=cfg.independent.seed)}
     stream = generate_boards(4, 2120, 4, 4, seed=1)
     assert held_out & {b.puzzle for b in stream}, "the test needs collisions to mean something"
