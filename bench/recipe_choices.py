@@ -36,9 +36,13 @@ OLD = ["trainer.max_steps=1500", "trainer.batch_size=16", "trainer.lr=5e-3", "tr
        "data.n_train=20000", "data.min_clues=4", "data.max_clues=10", "objective.ar_loss_scope=response",
        "objective.fill_token=pad", "verify.choose_steps=false"]
 # Measured choices (name -> overrides on today's default recipe); the default recipe itself is `default`.
+# (`old` runs today's generator, which hits each board's drawn clue count; see data/sudoku.py.)
+UNIFORM = ["data.clue_weights=null"]
 CHOICES: dict[str, list[str]] = {
-    "old": OLD,
-    "old+ar_scope=sequence": OLD + ["objective.ar_loss_scope=sequence"],
+    "old": OLD + UNIFORM,
+    "old+ar_scope=sequence": OLD + UNIFORM + ["objective.ar_loss_scope=sequence"],
+    "old+lr=1e-2": OLD + UNIFORM + ["trainer.lr=1e-2"],
+    "old+low-clue weights": OLD + ["data.clue_weights=[2,2,1.5,1.5,1,1,1]"],
     "default": [],
 }
 

@@ -90,7 +90,8 @@ def test_the_eval_side_carries_the_independent_set_tagged_by_source(tmp_path):
 
 def test_training_data_is_disjoint_from_the_independent_set_even_where_the_generators_collide(tmp_path):
     # Only 4-clue boards: few enough distinct puzzles that the training stream hits independent ones.
-    cfg = sudoku_cfg(min_clues=4, max_clues=4, n_train=2000, n_val=100, n_eval=20, independent={"n_eval": 200})
+    cfg = sudoku_cfg(min_clues=4, max_clues=4, clue_weights=None, n_train=2000, n_val=100, n_eval=20,
+                     independent={"n_eval": 200})
     held_out = {b.puzzle for b in independent_boards(4, 200, 4, 4, seed=cfg.independent.seed)}
     stream = generate_boards(4, 2120, 4, 4, seed=1)
     assert held_out & {b.puzzle for b in stream}, "the test needs collisions to mean something"
@@ -129,3 +130,12 @@ def test_bad_independent_settings_name_their_key():
         sudoku_cfg(independent={"seed": "x"})
     with pytest.raises(InputError, match=r"data\.independent\.n_eval=-1"):
         sudoku_cfg(independent={"n_eval": -1})
+
+
+def test_clue_weights_shape_the_generated_splits_and_never_the_independent_set(tmp_path):
+    tok = build_board_tokenizer()
+    splits = load_splits(sudoku_cfg(clue_weights=[1, 0, 0, 0, 0, 0, 0]), tok, tmp_path, seed=1)
+    assert {clues(e.meta["puzzle"]) for e in [*splits.train, *splits.val, *splits.eval]} == {4}
+    assert {clues(e.meta["puzzle"]) for e in splits.independent} == set(range(4, 11))
+    with pytest.raises(InputError, match=r"data.clue_weights=.*one per clue count 4..10"):
+        load_splits(sudoku_cfg(clue_weights=[1, 1]), tok, tmp_path / "bad", seed=1)

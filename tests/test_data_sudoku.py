@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 
 import pytest
 
@@ -82,6 +83,24 @@ def test_every_generated_4x4_board_has_exactly_one_solution_its_own_and_clues_in
         assert 4 <= clues(board.puzzle) <= 10
     # The range is covered, down to the 4-clue minimum.
     assert {clues(b.puzzle) for b in boards} == set(range(4, 11))
+
+
+def test_every_clue_count_gets_its_share_down_to_the_floor():
+    # Repair overshoots most at 4 clues; without the exact-target retries 4-clue boards were ~9% instead of 1/7.
+    counts = Counter(clues(b.puzzle) for b in generate_boards(4, 1400, min_clues=4, max_clues=10, seed=4))
+    assert min(counts.values()) >= 150 and counts[4] >= 170, counts
+
+
+def test_clue_weights_set_how_often_each_clue_count_is_drawn():
+    boards = generate_boards(4, 1000, min_clues=4, max_clues=6, seed=4, clue_weights=[3, 1, 0])
+    counts = Counter(clues(b.puzzle) for b in boards)
+    assert counts[6] == 0 and 650 <= counts[4] <= 850, counts
+
+
+@pytest.mark.parametrize("weights", [[1, 1], [1, -1, 1], [0, 0, 0], ["a", 1, 1]])
+def test_bad_clue_weights_are_refused_naming_the_key_and_the_count_expected(weights):
+    with pytest.raises(InputError, match=r"data.clue_weights=.*expected 3 non-negative numbers, one per clue count 4..6"):
+        generate_boards(4, 10, min_clues=4, max_clues=6, seed=1, clue_weights=weights)
 
 
 @pytest.mark.parametrize("min_clues,max_clues,n", [(30, 45, 12), (25, 29, 4)])

@@ -222,6 +222,23 @@ def test_self_conditioning_mask_rows_off_see_no_signal_rows_on_see_pass_one_logi
     assert not torch.allclose(mixed[0], plain[0])
 
 
+def test_pass_one_runs_on_the_self_conditioned_rows_only_and_leaves_the_cache_whole(tiny, batch):
+    model, tok = tiny
+    with torch.no_grad():
+        encoded = encode_clean_sequence(model, batch["input_ids"], batch["attention_mask"])
+    lengths = [layer.keys.shape for layer in encoded.cache.layers]
+    canvas = torch.randint(0, len(tok), (2, CANVAS), generator=torch.Generator().manual_seed(1))
+    rows = []
+    hook = model.model.decoder.register_forward_hook(lambda _m, _a, kw, _o: rows.append(kw["decoder_input_ids"].shape[0]),
+                                                     with_kwargs=True)
+    try:
+        self_conditioned_denoise(model, encoded.cache, canvas, batch["prompt_lengths"], torch.tensor([False, True]))
+    finally:
+        hook.remove()
+    assert rows == [1, 2]  # pass 1 on the one self-conditioned row, pass 2 on the batch
+    assert [layer.keys.shape for layer in encoded.cache.layers] == lengths
+
+
 def test_without_self_conditioning_a_step_runs_one_decoder_pass(tiny, batch):
     model, _ = tiny
     passes, hook = count_decoder_passes(model)

@@ -39,6 +39,7 @@ from dg_pipeline.data.sudoku import (
     GENERATOR_VERSION,
     Board,
     check_clue_range,
+    check_clue_weights,
     generate_boards,
     geometry,
     size_for_length,
@@ -200,12 +201,15 @@ def _generated_splits(
         raise InputError("data.n_train is required to generate Sudoku boards (fix: e.g. data.n_train=20000)")
     min_clues, max_clues, workers = data.min_clues, data.max_clues, data.workers
     check_clue_range(size, min_clues, max_clues)
+    clue_weights = list(data.clue_weights) if data.clue_weights is not None else None
+    check_clue_weights(min_clues, max_clues, clue_weights)
     held_out = [b.puzzle for b in eval_boards] if eval_boards is not None else None
     params = {
         "generator_version": GENERATOR_VERSION,
         "size": size,
         "min_clues": min_clues,
         "max_clues": max_clues,
+        "clue_weights": clue_weights,
         "seed": seed,
         "n_train": n_train,
         "n_val": n_val,
@@ -229,7 +233,7 @@ def _generated_splits(
         (data_dir / PARAMS_FILE).unlink(missing_ok=True)
         boards = generate_boards(
             size, sum(counts[n] for n in names), min_clues, max_clues, seed,
-            workers=workers, exclude=[*(held_out or ()), *avoid], progress=True,
+            workers=workers, exclude=[*(held_out or ()), *avoid], progress=True, clue_weights=clue_weights,
         )
         loaded, start = {}, 0
         for name in names:

@@ -2,11 +2,14 @@
 
 Board strings are row-major digits, `0` = blank, `size*size` characters (16 for 4x4, 81 for 9x9).
 
-Generation (per board): fill a random complete grid, keep a random subset of `target` cells as clues, then
-*repair* until the solution is unique (find a second solution, add as a clue one cell where it disagrees with ours)
-and *trim* back toward `target` (drop a clue if the board stays unique). Each board costs a handful of solver
-calls. Board i of the stream has its own RNG seeded by (seed, size, i), so the output depends on the seed and the
-clue range only, never on the number of worker processes.
+Generation (per board): draw a clue-count `target` (uniform over the range, or `clue_weights`), fill a random
+complete grid, keep a random subset of `target` cells as clues, then *repair* until the solution is unique (find a
+second solution, add as a clue one cell where it disagrees with ours) and *trim* back toward `target` (drop a clue if
+the board stays unique). An attempt that lands above `target` is retried (up to EXACT_TARGET_TRIES times, then any
+count in range is kept): repair overshoots most at the floor (4x4 target 4 lands on 5 about 40% of the time), so
+without the retries the fewest-clue boards, the hardest ones, would be the rarest. Each board costs a handful of
+solver calls. Board i of the stream has its own RNG seeded by (seed, size, i), so the output depends on the seed,
+the clue range and weights only, never on the number of worker processes.
 
 Clue-count limits (checked by `check_clue_range`, an InputError otherwise):
 - 4x4: >= 4 clues (no 4x4 board with 3 or fewer clues has a unique solution), <= 15 (at least one blank).
@@ -32,7 +35,9 @@ MIN_GENERATED_CLUES = {4: 4, 9: 22}
 # Most boards handed to a worker process at once.
 CHUNK_SIZE = 100
 # Bumped whenever the generator's output for a given seed changes (cached data files are regenerated).
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
+# Attempts at a board with exactly its drawn clue count before one with more clues (still in range) is kept.
+EXACT_TARGET_TRIES = 20
 
 
 class Board(NamedTuple):
@@ -273,16 +278,42 @@ def board_rng(seed: int, size: int, index: int) -> random.Random:
     return random.Random(f"dg-sudoku/v{GENERATOR_VERSION}/size{size}/seed{seed}/board{index}")
 
 
-def generate_range(size: int, min_clues: int, max_clues: int, seed: int, start: int, stop: int) -> list[Board]:
-    """Boards `start`..`stop-1` of the stream for (size, clue range, seed); board i depends on i alone."""
+def check_clue_weights(min_clues: int, max_clues: int, clue_weights: Sequence[float] | None) -> None:
+    """Raise InputError unless `clue_weights` is None or one non-negative weight per clue count, not all zero."""
+    if clue_weights is None:
+        return
+    span = max_clues - min_clues + 1
+    weights = list(clue_weights)
+    if len(weights) != span or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in weights) \
+            or not sum(weights) > 0:
+        raise InputError(
+            f"data.clue_weights={weights}: expected {span} non-negative numbers, one per clue count "
+            f"{min_clues}..{max_clues}, not all zero (fix: e.g. data.clue_weights=[{', '.join(['1'] * span)}], "
+            "or null for uniform)"
+        )
+
+
+def generate_range(
+    size: int, min_clues: int, max_clues: int, seed: int, start: int, stop: int,
+    clue_weights: Sequence[float] | None = None,
+) -> list[Board]:
+    """Boards `start`..`stop-1` of the stream for (size, clue range and weights, seed); board i depends on i alone."""
+    counts = range(min_clues, max_clues + 1)
     boards = []
     for index in range(start, stop):
         rng = board_rng(seed, size, index)
-        board = None
-        while board is None:  # an attempt that overshot max_clues retries with the same RNG: still deterministic
-            board = make_board(size, rng, rng.randint(min_clues, max_clues), max_clues)
+        target = rng.choices(counts, weights=clue_weights)[0] if clue_weights else rng.randint(min_clues, max_clues)
+        board, tries = None, 0
+        # Retries reuse the board's RNG stream: still deterministic.
+        while board is None or (tries < EXACT_TARGET_TRIES and clue_count(board.puzzle) != target):
+            board = make_board(size, rng, target, max_clues)
+            tries += 1
         boards.append(board)
     return boards
+
+
+def clue_count(puzzle: str) -> int:
+    return sum(ch != "0" for ch in puzzle)
 
 
 def _generate_range_star(args: tuple) -> list[Board]:
@@ -298,13 +329,17 @@ def generate_boards(
     workers: int | None = 1,
     exclude: Iterable[str] = (),
     progress: bool = False,
+    clue_weights: Sequence[float] | None = None,
 ) -> list[Board]:
-    """`n` boards with distinct puzzles (none in `exclude`), each with a unique solution and clues in range.
+    """`n` boards with distinct puzzles (none in `exclude`), each with a unique solution and clues in range;
+    `clue_weights` (one per count min..max; None = uniform) is how often each count is drawn.
 
     The result is the first `n` new puzzles of the seeded board stream, so it is the same for any `workers`
     (None = all CPU cores), and a longer request extends a shorter one.
     """
     check_clue_range(size, min_clues, max_clues)
+    check_clue_weights(min_clues, max_clues, clue_weights)
+    weights = tuple(float(w) for w in clue_weights) if clue_weights is not None else None
     if n < 0:
         raise InputError(f"number of boards must be >= 0, got {n}")
     workers = _resolve_workers(workers)
@@ -317,7 +352,7 @@ def generate_boards(
             # The boards still missing (+1% to absorb duplicates), in tasks small enough to keep every worker busy.
             want = n - len(boards) + (n - len(boards)) // 100 + 1
             step = max(1, min(CHUNK_SIZE, math.ceil(want / workers)))
-            tasks = [(size, min_clues, max_clues, seed, i, min(i + step, next_index + want))
+            tasks = [(size, min_clues, max_clues, seed, i, min(i + step, next_index + want), weights)
                      for i in range(next_index, next_index + want, step)]
             next_index += want
             results = pool.imap(_generate_range_star, tasks) if pool else map(_generate_range_star, tasks)

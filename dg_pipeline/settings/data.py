@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.settings.checks import check_non_negative_int, check_positive_int
@@ -35,6 +35,7 @@ class DataSettings:
     n_eval: Optional[int] = None
     min_clues: Optional[int] = None
     max_clues: Optional[int] = None
+    clue_weights: Optional[List[float]] = None  # generated boards: weight of each clue count min..max (null = uniform)
     train_path: Optional[str] = None
     eval_path: Optional[str] = None
     max_prompt_length: Optional[int] = None

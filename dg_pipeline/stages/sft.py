@@ -29,6 +29,7 @@ from dg_pipeline.data.sources import load_splits
 from dg_pipeline.model.io import (load_model, load_model_skeleton, resolve_device, resolve_dtype, save_model,
                                   stop_token_ids)
 from dg_pipeline.settings import RunSettings
+from dg_pipeline.settings.sampler import generation_config as sampler_generation_config
 from dg_pipeline.training import TrainingJob, train
 from dg_pipeline.verify import GateSettings, run_gate
 from dg_pipeline.verify.step_choice import StepChoice, choose_denoising_steps
@@ -77,7 +78,11 @@ def run_training_stage(cfg: DictConfig, stage: str, max_steps: int, ar_only: boo
         trained = model.to(device=device, dtype=resolve_dtype(settings.model.dtype)).eval()
         gate = GateSettings.for_run(settings)
         choice = choose_step_budget(settings, gate, stage, trained, tokenizer, splits.val)
-        save_model(trained, tokenizer, model_dir)
+        # The trained model carries the run's sampler settings (recipe sampler.* keys, the chosen step budget), as an
+        # export's generation_config.json does: vLLM, generate() and every later gate run it as this gate did.
+        save_model(trained, tokenizer, model_dir, generation_config=sampler_generation_config(
+            tokenizer, base=trained.generation_config, model_config=trained.config,
+            **settings.sampler.generation_overrides()))
         figures = {
             "stage": stage,
             "input": str(input_dir),
