@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 from dg_pipeline.core.errors import InputError
+from dg_pipeline.core.io import remove_leftovers
+from dg_pipeline.core.lock import is_launcher_rank_zero, output_lock
 from dg_pipeline.core.registry import STAGES as REGISTRY
 from dg_pipeline.core.rundir import RunDir
 from dg_pipeline.settings import RunSettings
@@ -30,17 +35,29 @@ def run_stage(cfg: DictConfig):
 
 
 def run_stage_tracked(cfg: DictConfig, variant: str | None = None):
-    """Run one stage, then log its verify.json metrics and output artifact to W&B (lineage to its input)."""
+    """Run one stage holding the lock of its output (one writer per output; the temporary files a killed writer
+    left are removed first), then log its verify.json metrics and output artifact to W&B (lineage to its input)."""
     from dg_pipeline.tracking import artifact_name, track_stage
 
     stage = str(cfg.stage)
-    result = RUNNERS[stage](cfg)
     rd = RunDir.from_cfg(cfg)
     out_dir, variant, upstream = _output_and_upstream(cfg, rd, stage, variant)
+    with _writing(rd, out_dir):
+        result = RUNNERS[stage](cfg)
     if out_dir is not None and out_dir.exists():
         track_stage(cfg, stage, out_dir, variant=variant,
                     upstream=artifact_name(rd.root, *upstream) if upstream else None)
     return result
+
+
+@contextlib.contextmanager
+def _writing(rd: RunDir, out_dir: Path | None):
+    if out_dir is None or not is_launcher_rank_zero():
+        yield
+        return
+    with output_lock(rd.root, out_dir):
+        remove_leftovers(out_dir)
+        yield
 
 
 def _output_and_upstream(cfg: DictConfig, rd: RunDir, stage: str, variant: str | None):

@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dg_pipeline.core import RunDir, atomic_dir, atomic_write_json, read_json
-from dg_pipeline.core.fingerprint import input_identity, stage_fingerprint
+from dg_pipeline.core.fingerprint import stage_fingerprint_parts
 from dg_pipeline.core.registry import STAGES, decide_reuse
 from dg_pipeline.data import load_eval_examples, load_splits
 from dg_pipeline.model.io import load_model, resolve_device
@@ -65,7 +65,7 @@ def run(cfg: DictConfig) -> dict:
     rd = RunDir.from_cfg(cfg)
     out_dir = rd.output(STAGE, calib.output_name(quant.name))
     input_dir = rd.resolve_input(STAGE, settings.input)
-    fingerprint = stage_fingerprint(cfg, STAGE, input_identity(input_dir))
+    fingerprint = stage_fingerprint_parts(cfg, STAGE, input_dir)
     previous = _previous_record(out_dir)
     reuse = decide_reuse(STAGES[STAGE].reuse, out_dir, force=settings.force, gate_record=previous and previous["gate"],
                          fingerprint=fingerprint, recorded_fingerprint=previous and previous.get("fingerprint"))
@@ -121,6 +121,7 @@ def run(cfg: DictConfig) -> dict:
             "fp8_gemm_linears": len(fp8_linears),
             "folded_weight_quantizers": folded,
             "simulation_note": "throughput of fake-quantized weights/activations; not a deployment figure",
+            "fingerprint": fingerprint,
         },
     )
     return {**record, "gate": gate}

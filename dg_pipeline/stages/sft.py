@@ -6,7 +6,9 @@ input=<dir>, else <run_dir>/pretrain/model when it exists, else <run_dir>/base/m
      <run_dir>/sft/training.json  final train loss, val loss, val acc t=1 / t=0.5, tokens/s, wall time
      <run_dir>/sft/verify.json    the gate (dg_pipeline.verify.run_gate), with the training figures
      <run_dir>/sft/exp/           exp_manager: checkpoints (a restarted identical run resumes), logs
-Skipped when the output exists, unless force=true. `run_training_stage` is shared with stage `pretrain`.
+Skipped when the model dir exists, its gate (verify.json) passed, and both were made with these settings on this
+input (the fingerprint verify.json holds), unless force=true (which also starts training clean); otherwise it says
+why it trains again, and an interrupted run with the same settings resumes from its last checkpoint. `run_training_stage` is shared with stage `pretrain`.
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from pathlib import Path
 from omegaconf import DictConfig
 from rich.console import Console
 
-from dg_pipeline.core import RunDir, atomic_write_json, read_json
-from dg_pipeline.core.fingerprint import config_fingerprint
+from dg_pipeline.core import RunDir, atomic_write_json
+from dg_pipeline.core.fingerprint import config_fingerprint, stage_fingerprint_parts
 from dg_pipeline.core.registry import STAGES, decide_reuse
 from dg_pipeline.data.sources import load_splits
 from dg_pipeline.model.io import load_model, resolve_device, resolve_dtype, save_model
 from dg_pipeline.settings import RunSettings
 from dg_pipeline.training import RESUME_KEYS, TrainingJob, train
-from dg_pipeline.verify import GateSettings, run_gate
+from dg_pipeline.verify import GateSettings, read_gate_record, run_gate
+from dg_pipeline.verify.record import VERIFY_JSON
 from dg_pipeline.verify.step_choice import StepChoice, choose_denoising_steps
 
 STAGE = "sft"
@@ -42,22 +45,28 @@ def run_training_stage(cfg: DictConfig, stage: str, max_steps: int, ar_only: boo
     settings = RunSettings.from_cfg(cfg)
     rundir = RunDir.from_cfg(cfg)
     stage_dir, model_dir = rundir.stage(stage), rundir.output(stage)
-    reuse = decide_reuse(STAGES[stage].reuse, model_dir, force=settings.force)
+    input_dir = rundir.resolve_input(stage, settings.input)  # sft: pretrain's model when it ran, else base's
+    fingerprint = stage_fingerprint_parts(cfg, stage, input_dir)
+    previous = read_gate_record(stage_dir / VERIFY_JSON)
+    reuse = decide_reuse(STAGES[stage].reuse, model_dir, force=settings.force, gate_record=previous,
+                         fingerprint=fingerprint, recorded_fingerprint=(previous or {}).get("fingerprint"))
     if reuse.skip:
         console.print(f"[bold]{stage}[/]: skipped, {reuse.reason} (force=true retrains)")
-        return {**_previous_record(stage_dir), "skipped": True}
+        return {**previous, "skipped": True}
+    if model_dir.exists() and not settings.force:
+        console.print(f"[bold]{stage}[/]: training again: {reuse.reason}")
 
-    input_dir = rundir.resolve_input(stage, settings.input)  # sft: pretrain's model when it ran, else base's
     device = resolve_device(settings.device)
-    # FP32 master weights whatever model.dtype says; trainer.precision decides the compute dtype.
+    # FP32 master weights whatever model.dtype says; trainer.precision decides the compute dtype. The input's
+    # tokenizer is checked against the one its model was saved with (load_model), before any training.
     model, tokenizer = load_model(input_dir, dtype="float32", device="cpu")
-    splits = load_splits(settings.data, tokenizer, rundir, seed=settings.seed)
+    splits = load_splits(settings.data, tokenizer, rundir, seed=settings.seed)  # an empty eval file fails here
     objective = "ar" if ar_only else settings.objective.name
     console.print(f"[bold]{stage}[/]: {input_dir} -> {model_dir}; {len(splits.train)} train / {len(splits.val)} val "
                   f"examples, {max_steps} steps, objective={objective}")
-
     started = time.perf_counter()
-    job = TrainingJob.for_run(settings, stage, stage_dir, max_steps, ar_only=ar_only, resume=not model_dir.exists(),
+    # force=true starts clean; otherwise an interrupted run with the same settings resumes from its checkpoint.
+    job = TrainingJob.for_run(settings, stage, stage_dir, max_steps, ar_only=ar_only, resume=not settings.force,
                               fingerprint=config_fingerprint(cfg, RESUME_KEYS, f"{stage}:{input_dir}"))
     model, result, trainer = train(job, model, tokenizer, splits)
     if not trainer.is_global_zero:
@@ -66,6 +75,8 @@ def run_training_stage(cfg: DictConfig, stage: str, max_steps: int, ar_only: boo
     model = model.to(device=device, dtype=resolve_dtype(settings.model.dtype)).eval()
     gate = GateSettings.for_run(settings)
     choice = choose_step_budget(settings, gate, stage, model, tokenizer, splits.val)
+    for stale in (VERIFY_JSON, TRAINING_JSON):  # a gate record only ever describes the model beside it
+        (stage_dir / stale).unlink(missing_ok=True)
     save_model(model, tokenizer, model_dir)
     figures = {
         "stage": stage,
@@ -80,7 +91,8 @@ def run_training_stage(cfg: DictConfig, stage: str, max_steps: int, ar_only: boo
     atomic_write_json(stage_dir / TRAINING_JSON, figures)
     _print_figures(figures)
     return run_gate(model, tokenizer, splits.gate_examples(), gate, stage=stage, input_dir=input_dir,
-                    out_dir=stage_dir, extra={"training": figures, "step_choice": choice.to_dict() if choice else None})
+                    out_dir=stage_dir, extra={"training": figures, "step_choice": choice.to_dict() if choice else None,
+                                              "fingerprint": fingerprint})
 
 
 def choose_step_budget(settings: RunSettings, gate: GateSettings, stage: str, model, tokenizer,
@@ -93,13 +105,6 @@ def choose_step_budget(settings: RunSettings, gate: GateSettings, stage: str, mo
     if choice is not None:
         model.generation_config.max_denoising_steps = choice.max_denoising_steps
     return choice
-
-
-def _previous_record(stage_dir: Path) -> dict:
-    for name in ("verify.json", TRAINING_JSON):
-        if (stage_dir / name).is_file():
-            return read_json(stage_dir / name)
-    return {}
 
 
 def _print_figures(figures: dict) -> None:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import atomic_write_json
 from dg_pipeline.data.collate import Collator, ExampleDataset
-from dg_pipeline.training.callbacks import TokensPerSecond, progress_bar
+from dg_pipeline.training.callbacks import StopOnNonFinite, TokensPerSecond, progress_bar
 from dg_pipeline.objective import build_objective, fill_token_id
 from dg_pipeline.training.lora import apply_lora, merge_lora
 from dg_pipeline.settings import LoggerSettings, ObjectiveSettings, RunSettings, TrainerSettings
@@ -201,7 +201,8 @@ def build_trainer(job: TrainingJob, ar_only: bool = False) -> tuple[pl.Trainer, 
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         log_every_n_steps=int(trainer_cfg.log_every_n_steps),
-        callbacks=[throughput, *progress_bar(trainer_cfg.progress_bar)],
+        callbacks=[throughput, StopOnNonFinite(job.stage, trainer_cfg.lr, trainer_cfg.precision),
+                   *progress_bar(trainer_cfg.progress_bar)],
         enable_progress_bar=trainer_cfg.progress_bar != "none",
         enable_model_summary=False,
         logger=False,  # exp_manager attaches the W&B logger
@@ -244,7 +245,12 @@ def fit(module: BlockDiffusionModule, train_loader: DataLoader, val_loader: Data
     resumed_from = trainer.ckpt_path
     started = time.perf_counter()
     # ckpt_path explicitly: it also stops the final `validate` from reloading exp_manager's (since deleted) pick.
-    trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=resumed_from)
+    try:
+        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=resumed_from)
+    except SystemExit:
+        if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1); the entry point reports it in one line
+            raise KeyboardInterrupt from None
+        raise
     wall = time.perf_counter() - started
     final_train_loss = _metric(trainer.callback_metrics, "train/loss")
     val_metrics = {}
