@@ -52,8 +52,10 @@ def _short_hash(value) -> str:
 
 
 def input_identity(model_dir: str | Path) -> str:
-    """A standalone stage's upstream fingerprint: the input dir and the size and mtime of every file in it (a
+    """A standalone stage's upstream fingerprint: the input's place (its last two path parts, e.g. sft/model, so a
+    run dir copied or moved elsewhere keeps its outputs) and the name, size and mtime of every file in it (a
     retrained model in the same place is a new input)."""
     model_dir = Path(model_dir)
     files = sorted(p for p in model_dir.iterdir() if p.is_file())
-    return json.dumps([str(model_dir)] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    return json.dumps(["/".join(model_dir.parts[-2:])] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns]
+                                                          for p in files])

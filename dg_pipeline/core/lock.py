@@ -34,7 +34,8 @@ def lock_path(run_dir: Path, output: Path) -> Path:
 
 
 def _holder() -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "command": shlex.join(sys.argv),
+    command = " ".join(shlex.join(getattr(sys, "orig_argv", sys.argv)).split())  # one line, however it was started
+    return {"pid": os.getpid(), "host": socket.gethostname(), "command": command[:400],
             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
