@@ -83,6 +83,8 @@ def run(cfg: DictConfig) -> dict:
     with console.status(f"quantize: loading {input_dir}"):
         model, tokenizer = load_model(input_dir, dtype=settings.model.dtype, device=device)
     splits = load_splits(settings.data, tokenizer, rd, seed=settings.seed)
+    # The gate's examples before calibrating: a missing or empty eval file fails here, not after the work.
+    examples = load_eval_examples(settings.data, tokenizer, rd, settings.seed, limit=gate_settings.n_eval)
     calib_examples = calibration_examples(splits.train, calib.n_samples, calib.max_length)
     probe = LogitsErrorProbe(model, [e.prompt_ids for e in splits.eval[: quant.probe_prompts]], settings.seed)
     console.print(
@@ -109,7 +111,6 @@ def run(cfg: DictConfig) -> dict:
         "[yellow]note[/]: tokens/s below are a simulation: weights and activations are fake-quantized "
         + (f"(except {len(fp8_linears)} linears running real FP8 GEMMs)" if fp8_linears else "(no native FP8/FP4 kernels)")
     )
-    examples = load_eval_examples(settings.data, tokenizer, rd, settings.seed, limit=gate_settings.n_eval)
     gate = run_gate(
         model, tokenizer, examples, gate_settings, STAGE, input_dir, out_dir,
         reference=reference, simulated=simulated,

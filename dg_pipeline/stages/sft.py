@@ -14,7 +14,6 @@ why it trains again, and an interrupted run with the same settings resumes from 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from omegaconf import DictConfig
 from rich.console import Console
