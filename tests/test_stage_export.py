@@ -234,7 +234,9 @@ def test_eval_accepts_a_model_dir_a_quantize_output_and_every_export_format(
     dirs = {"model dir": run_dir / "sft" / "model", "quantize output": run_dir / "quantize" / "fp8",
             "fp8": fp8_bundle[0], "bf16": bf16_bundle[0], **nvfp4_bundles}
     record = eval_stage.run(stage_cfg(tmp_path, "stage=eval", f"input={dirs[kind]}"))
-    assert record["n_eval"] == 4 and record["metric"] == "solved"
+    # verify.n_eval=4 a source: the run's eval split and the independent held-out boards
+    assert record["metric"] == "solved" and {s: c["n"] for s, c in record["by_source"].items()} == {
+        "pipeline": 4, "independent": 4}
     loaded_as = json.loads((tmp_path / "eval" / "verify.json").read_text())["loaded_as"]
     expected = {"model dir": "model dir", "quantize output": "quantize output (fp8, fake-quantized)",
                 "fp8": "FP8 export", "nvfp4": "NVFP4 export", "nvfp4_experts_only": "NVFP4 export", "bf16": "model dir"}
