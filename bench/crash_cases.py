@@ -187,16 +187,24 @@ def full_disk(run: Path) -> dict:
 def ctrl_c(run: Path) -> dict:
     shutil.rmtree(run / "sft")
     args = [a for a in SMALL if not a.startswith(("trainer.max_steps", "trainer.val_check_interval"))]
-    proc = subprocess.Popen([sys.executable, "-m", "dg_pipeline", f"run_dir={run}", *args, "stage=sft",
-                             "trainer.max_steps=100000", "trainer.val_check_interval=100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=REPO)
-    deadline = time.time() + 600
-    while not (run / "sft" / "exp").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    time.sleep(3)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=300)
-    return {"rc": proc.returncode, "stderr": stderr,
+    err_path = run / "ctrl_c.stderr"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "dg_pipeline", f"run_dir={run}", *args, "stage=sft",
+                                 "trainer.max_steps=100000", "trainer.val_check_interval=100000"],
+                                stdout=subprocess.DEVNULL, stderr=err, text=True, env=ENV, cwd=REPO)
+        deadline = time.time() + 600
+        while not (run / "sft" / "exp").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(5)  # into the training steps
+        sent = time.perf_counter()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return {"rc": "no exit in 300 s", "stderr": err_path.read_text()[-600:], "disk": ""}
+    return {"rc": proc.returncode, "stderr": err_path.read_text(), "seconds": round(time.perf_counter() - sent, 1),
             "disk": f"sft/model exists: {(run / 'sft' / 'model').exists()}; temp files: "
                     f"{len(list(run.rglob('.*.tmp')))}"}
 
