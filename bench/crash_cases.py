@@ -184,6 +184,12 @@ def full_disk(run: Path) -> dict:
             "disk": f"base/ on a 300 KiB tmpfs holds: {proc.stdout.split() or 'nothing'}"}
 
 
+def default_sigint() -> None:
+    """A terminal's Ctrl-C reaches the command with SIGINT's default action; a harness started in the background
+    (`cmd &`) has SIGINT ignored, which its children would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def ctrl_c(run: Path) -> dict:
     shutil.rmtree(run / "sft")
     args = [a for a in SMALL if not a.startswith(("trainer.max_steps", "trainer.val_check_interval"))]
@@ -191,7 +197,8 @@ def ctrl_c(run: Path) -> dict:
     with open(err_path, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "dg_pipeline", f"run_dir={run}", *args, "stage=sft",
                                  "trainer.max_steps=100000", "trainer.val_check_interval=100000"],
-                                stdout=subprocess.DEVNULL, stderr=err, text=True, env=ENV, cwd=REPO)
+                                stdout=subprocess.DEVNULL, stderr=err, text=True, env=ENV, cwd=REPO,
+                                preexec_fn=default_sigint)
         deadline = time.time() + 600
         while not (run / "sft" / "exp").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
@@ -283,6 +290,10 @@ def main(argv=None) -> None:
     for r in rows:
         table.add_row(r["case"], r["before"], str(r["rc"]), r["message"], r["disk"], str(r["seconds"]))
     console.print(table)
+    if args.only and RESULTS.is_file():  # a partial rerun replaces its cases in the last full table
+        done = {r["case"] for r in rows}
+        kept = [r for r in json.loads(RESULTS.read_text())["cases"] if r["case"] not in done]
+        rows = sorted(kept + rows, key=lambda r: list(CASES).index(r["case"]))
     atomic_write_json(RESULTS, {"host": socket.gethostname(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                 "source_run_dir": str(source), "cases": rows})
     console.print(f"written {RESULTS}")

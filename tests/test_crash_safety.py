@@ -238,7 +238,8 @@ def test_ctrl_c_during_training_prints_one_line_and_leaves_no_output(run_copy):
     args = [a for a in SMALL if not a.startswith(("trainer.max_steps", "trainer.val_check_interval"))]
     proc = subprocess.Popen([sys.executable, "-m", "dg_pipeline", "stage=sft", f"run_dir={run_copy}", *args,
                              "trainer.max_steps=100000", "trainer.val_check_interval=100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal runs it
     deadline = time.time() + 300
     while not (run_copy / "sft" / "exp").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
