@@ -177,11 +177,11 @@ def full_disk(run: Path) -> dict:
     base = fresh / "base"
     base.mkdir(parents=True)
     cmd = (f"mount -t tmpfs -o size=300k tmpfs {base} && {sys.executable} -m dg_pipeline stage=base run_dir={fresh} "
-           f"{' '.join(SMALL)}; code=$?; ls -A {base}; exit $code")
+           f"{' '.join(SMALL)} > /dev/null; code=$?; echo LISTING; ls -A {base}; exit $code")
     started = time.perf_counter()
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", cmd], capture_output=True, text=True, env=ENV, cwd=REPO)
     return {"rc": proc.returncode, "stderr": proc.stderr, "seconds": round(time.perf_counter() - started, 1),
-            "disk": f"base/ on a 300 KiB tmpfs holds: {proc.stdout.split() or 'nothing'}"}
+            "disk": f"base/ on a 300 KiB tmpfs holds: {proc.stdout.split('LISTING')[-1].split() or 'nothing'}"}
 
 
 def default_sigint() -> None:
