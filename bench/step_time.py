@@ -28,7 +28,7 @@ from rich.table import Table
 from dg_pipeline.core.io import atomic_write_json
 from dg_pipeline.data import build_board_tokenizer, collate, generate_boards, sudoku_examples
 from dg_pipeline.model import build_model
-from dg_pipeline.objective import EncoderARObjective, UniformObjective
+from dg_pipeline.objective import EncoderARObjective, NoiseKey, UniformObjective
 from dg_pipeline.training.module import freeze_router, freeze_vision, parameter_groups
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_time.json"
@@ -38,11 +38,11 @@ console = Console(width=120)
 def time_steps(model, objective, batch, steps: int, warmup: int = 2) -> list[float]:
     """Wall seconds of `steps` full training steps (after `warmup` untimed ones)."""
     optimizer = torch.optim.AdamW(parameter_groups(model, 1e-4), lr=1e-4, betas=(0.95, 0.99))
-    generator = torch.Generator().manual_seed(0)
+    noise = NoiseKey(0)
     times = []
     for i in range(warmup + steps):
         started = time.perf_counter()
-        objective.loss(model, batch, generator).loss.backward()
+        objective.loss(model, batch, noise).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if i >= warmup:

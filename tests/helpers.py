@@ -43,6 +43,7 @@ def write_sft_gate(model_dir: Path, *overrides: str) -> dict:
     from dg_pipeline.core import RunDir
     from dg_pipeline.data import load_eval_examples
     from dg_pipeline.model import load_model
+    from dg_pipeline.model.io import stop_token_ids
     from dg_pipeline.settings import RunSettings
     from dg_pipeline.verify import GateSettings, run_gate
 
@@ -51,5 +52,29 @@ def write_sft_gate(model_dir: Path, *overrides: str) -> dict:
     settings = RunSettings.from_cfg(cfg)
     gate = GateSettings.for_run(settings)
     model, tokenizer = load_model(model_dir)
-    examples = load_eval_examples(settings.data, tokenizer, RunDir.from_cfg(cfg), settings.seed, limit=gate.n_eval)
+    examples = load_eval_examples(settings.data, tokenizer, RunDir.from_cfg(cfg), settings.seed, limit=gate.n_eval,
+                                  eos_token_ids=stop_token_ids(model))
     return run_gate(model, tokenizer, examples, gate, "sft", model_dir, model_dir.parent)
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a torchrun rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def board_examples(n: int):
+    """n learnable tiny examples: prompt <bos> four digits <sep>; response the digits shifted by one, then EOS."""
+    import torch
+
+    from dg_pipeline.data.examples import Example
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        digits = torch.randint(6, 16, (4,), generator=g).tolist()
+        out.append(Example([2, *digits, 5], [(d - 6 + 1) % 10 + 6 for d in digits] + [1], {}))
+    return out

@@ -41,7 +41,7 @@ def test_with_an_eos_fill_the_block_after_eos_is_eos_and_only_the_batch_padding_
         [2, 10, 5, 11, 12, 13, 14, 15, EOS, EOS, EOS],  # the 2 fill positions of the last block
         [2, 7, 8, 9, 5, 6, 7, 8, EOS, PAD, PAD],  # past the row's blocks: batch padding, masked out
     ]
-    assert Collator(CANVAS, PAD, fill_id=EOS)([LONG_RESPONSE])["input_ids"].tolist() == [[2, 10, 5, 11, 12, 13, 14, 15, EOS, EOS, EOS]]
+    assert Collator(CANVAS, PAD, fill_id=EOS)([(0, 0, LONG_RESPONSE)])["input_ids"].tolist() == [[2, 10, 5, 11, 12, 13, 14, 15, EOS, EOS, EOS]]
 
 
 def test_the_attention_mask_covers_the_prompt_and_every_response_block_including_its_fill():

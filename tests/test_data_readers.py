@@ -20,7 +20,7 @@ from dg_pipeline.data import (
     read_chat_jsonl,
     read_kaggle_csv,
 )
-from dg_pipeline.data.tokenizer import build_char_tokenizer
+from dg_pipeline.data.tokenizer import CHAT_EOS_IDS, build_char_tokenizer
 from dg_pipeline.settings import DataSettings, group_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,23 +122,28 @@ def test_only_the_final_assistant_turn_is_supervised_and_the_rest_is_the_templat
         {"role": "assistant", "content": "5 too"},
     ]
     path = jsonl(tmp_path / "c.jsonl", [{"messages": conversation}])
-    [example] = chat_examples(read_chat_jsonl(path), tok)
-    assert example.response_ids == tok("5 too", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    [example] = chat_examples(read_chat_jsonl(path), tok, eos_token_ids=CHAT_EOS_IDS)
+    # Exactly what the template writes for the turn, through its end-of-turn token (<turn|>, a stop id).
+    assert tok.decode(example.response_ids) == "5 too<turn|>"
+    assert example.response_ids[-1] == tok.convert_tokens_to_ids("<turn|>") == 106
     prompt = tok.decode(example.prompt_ids)
     assert prompt == (
-        "<bos><start_of_turn>user\npick a prime<end_of_turn>\n<start_of_turn>model\n7<end_of_turn>\n"
-        "<start_of_turn>user\nanother<end_of_turn>\n<start_of_turn>model\n"
+        "<bos><|turn>user\npick a prime<turn|>\n<|turn>model\n7<turn|>\n"
+        "<|turn>user\nanother<turn|>\n<|turn>model\n"
     )
     assert example.meta == {"prompt": prompt, "completion": "5 too", "source": f"{path}:1"}
 
 
 def test_a_prompt_completion_row_is_one_user_turn_and_plain_text_without_a_chat_template(tmp_path):
     path = jsonl(tmp_path / "c.jsonl", [{"prompt": "2+2?", "completion": "4"}])
-    [templated] = chat_examples(read_chat_jsonl(path), build_char_tokenizer())
-    [plain] = chat_examples(read_chat_jsonl(path), build_char_tokenizer(chat_template=False))
-    assert templated.meta["prompt"] == "<bos><start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n"
+    [templated] = chat_examples(read_chat_jsonl(path), build_char_tokenizer(), eos_token_ids=CHAT_EOS_IDS)
+    [plain] = chat_examples(read_chat_jsonl(path), build_char_tokenizer(chat_template=False),
+                            eos_token_ids=CHAT_EOS_IDS)
+    assert templated.meta["prompt"] == "<bos><|turn>user\n2+2?<turn|>\n<|turn>model\n"
     assert plain.meta["prompt"] == "2+2?"
-    assert templated.response_ids == plain.response_ids == [build_char_tokenizer().convert_tokens_to_ids("4"), 1]
+    four = build_char_tokenizer().convert_tokens_to_ids("4")
+    assert templated.response_ids == [four, 106]  # the template's end of turn
+    assert plain.response_ids == [four, 1]  # no template: the tokenizer's <eos>, one of the stop ids
 
 
 @pytest.mark.parametrize(
@@ -162,6 +167,71 @@ def test_a_bad_chat_row_names_the_file_line_and_the_fault(tmp_path, row, says):
         read_chat_jsonl(path)
     assert str(err.value).startswith(f"{path}:2: {says}")
     assert "fix: " in str(err.value)
+
+
+def test_the_developer_role_is_a_system_turn_and_list_content_keeps_its_text_parts(tmp_path):
+    tok = build_char_tokenizer()
+    messages = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "2+"}, {"type": "text", "text": "2?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "4"}]},
+    ]
+    [example] = chat_examples(read_chat_jsonl(jsonl(tmp_path / "c.jsonl", [{"messages": messages}])), tok,
+                              eos_token_ids=CHAT_EOS_IDS)
+    assert example.meta["prompt"] == "<bos><|turn>system\nbe brief<turn|>\n<|turn>user\n2+2?<turn|>\n<|turn>model\n"
+    assert tok.decode(example.response_ids) == "4<turn|>"
+
+
+def test_a_non_text_content_part_is_refused_naming_the_row_the_message_and_the_part_type(tmp_path):
+    image = {"type": "image_url", "image_url": {"url": "x.png"}}
+    rows = [{"prompt": "ok", "completion": "fine"},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "see"}, image]},
+                          {"role": "assistant", "content": "a cat"}]}]
+    path = jsonl(tmp_path / "c.jsonl", rows)
+    with pytest.raises(InputError) as err:
+        read_chat_jsonl(path)
+    assert str(err.value).startswith(f"{path}:2: message 0 content part 1 is of type 'image_url'; only text parts")
+
+
+CALL = {"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 2}}}
+
+
+def test_tool_calls_and_reasoning_are_kept_where_the_template_writes_them(tmp_path):
+    tok = build_char_tokenizer()
+    answer = {"role": "assistant", "content": "4", "reasoning_content": "2 and 2", "tool_calls": [CALL]}
+    path = jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "2+2?"}, answer]}])
+    [example] = chat_examples(read_chat_jsonl(path), tok, eos_token_ids=CHAT_EOS_IDS)
+    assert tok.decode(example.response_ids) == (
+        '<|channel>thought\n2 and 2<channel|>4<|tool_call>call:add{"a": 2, "b": 2}<tool_call|><turn|>'
+    )
+
+
+@pytest.mark.parametrize("key,value", [("tool_calls", [CALL]), ("reasoning_content", "2 and 2")])
+def test_tool_calls_or_reasoning_the_template_would_drop_are_refused_naming_the_row_and_the_key(tmp_path, key, value):
+    answer = {"role": "assistant", "content": "4", key: value}
+    path = jsonl(tmp_path / "c.jsonl", [{"prompt": "ok", "completion": "fine"},
+                                        {"messages": [{"role": "user", "content": "2+2?"}, answer]}])
+    records = read_chat_jsonl(path)
+    plain_template = build_char_tokenizer()
+    plain_template.chat_template = (  # writes only role and content, as many templates do
+        "{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+        "{{ m['content'] }}<turn|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|turn>model\n{% endif %}"
+    )
+    with pytest.raises(InputError) as err:
+        chat_examples(records, plain_template, eos_token_ids=CHAT_EOS_IDS)
+    assert str(err.value).startswith(f"{path}:2: message 1 has \"{key}\" but the tokenizer's chat template does not")
+    with pytest.raises(InputError) as err:
+        chat_examples(records, build_char_tokenizer(chat_template=False), eos_token_ids=CHAT_EOS_IDS)
+    assert str(err.value).startswith(f"{path}:2: \"{key}\" needs a chat template")
+
+
+def test_a_template_turn_that_ends_in_none_of_the_models_stop_ids_is_refused(tmp_path):
+    path = jsonl(tmp_path / "c.jsonl", [{"prompt": "2+2?", "completion": "4"}])
+    with pytest.raises(InputError) as err:  # the tokenizer's <eos> alone: the model would never stop at <turn|>
+        chat_examples(read_chat_jsonl(path), build_char_tokenizer(), eos_token_ids=(1,))
+    assert str(err.value).startswith(f"{path}:1: the chat template ends the assistant turn")
+    assert "eos_token_id in the model's generation_config.json" in str(err.value)
 
 
 def test_a_prompt_longer_than_max_prompt_length_names_the_row_and_the_key(tmp_path):
@@ -246,7 +316,7 @@ def test_chat_splits_hold_out_eval_and_val_prompts_from_training(tmp_path):
     path = jsonl(tmp_path / "chat.jsonl", rows + rows[:5])
     cfg = group_settings(DataSettings, OmegaConf.load(REPO / "conf" / "data" / "chat.yaml"),
                          {"train_path": str(path), "n_val": 4, "n_eval": 6})
-    splits = load_splits(cfg, build_char_tokenizer(), tmp_path, seed=0)
+    splits = load_splits(cfg, build_char_tokenizer(), tmp_path, seed=0, eos_token_ids=CHAT_EOS_IDS)
     prompts = [{e.meta["completion"] for e in s} for s in (splits.train, splits.val, splits.eval)]
     assert [len(p) for p in prompts] == [20, 4, 6]
     assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])

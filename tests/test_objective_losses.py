@@ -17,7 +17,8 @@ from dg_pipeline.data.tokenizer import build_board_tokenizer
 from dg_pipeline.model import build_config
 from dg_pipeline.model.logits import encoder_causal_lm_logits
 from dg_pipeline.settings import ObjectiveSettings, group_settings
-from dg_pipeline.objective import EncoderARObjective, MaskedObjective, UniformObjective, build_objective, fill_token_id
+from dg_pipeline.objective import (EncoderARObjective, MaskedObjective, NoiseKey, UniformObjective, build_objective,
+                                   fill_token_id)
 from dg_pipeline.objective.losses import (
     NoisedBlock,
     ar_prediction_positions,
@@ -88,8 +89,8 @@ def test_the_loss_takes_the_chosen_block_its_labels_are_that_blocks_clean_tokens
     objective = UniformObjective(supervise_padding=False)
     torch.manual_seed(0)
     for seed in range(6):
-        out = objective.loss(model, batch, torch.Generator().manual_seed(seed))
-        block = objective.noised_block(model, batch, torch.Generator().manual_seed(seed))
+        out = objective.loss(model, batch, NoiseKey(seed))
+        block = objective.noised_block(model, batch, NoiseKey(seed))
         assert torch.equal(out.targets, block.clean)
         clean_blocks = [batch["input_ids"][0, 5:13], batch["input_ids"][0, 13:21]]
         assert any(torch.equal(out.targets[0], b) for b in clean_blocks)
@@ -101,7 +102,7 @@ def test_the_loss_takes_the_chosen_block_its_labels_are_that_blocks_clean_tokens
 
 def test_padding_fill_after_eos_is_supervised_by_default(tiny, batch):
     model, _ = tiny
-    out = UniformObjective().loss(model, batch, torch.Generator().manual_seed(0))
+    out = UniformObjective().loss(model, batch, NoiseKey(0))
     assert out.supervised.all()
     assert out.targets[1, 3:].tolist() == [0] * 5
 
@@ -119,9 +120,9 @@ def test_diffusion_gradient_reaches_only_the_clean_context_before_the_chosen_blo
     handle = embed.register_forward_hook(keep)
     try:
         objective = UniformObjective(ar_loss_weight=0.0, self_conditioning_prob=0.0)
-        generator = torch.Generator().manual_seed(0)
-        block = objective.noised_block(model, batch, torch.Generator().manual_seed(0))
-        out = objective.loss(model, batch, generator)
+        noise = NoiseKey(0)
+        block = objective.noised_block(model, batch, NoiseKey(0))
+        out = objective.loss(model, batch, noise)
         out.loss.backward()
     finally:
         handle.remove()
@@ -135,7 +136,7 @@ def test_diffusion_gradient_reaches_only_the_clean_context_before_the_chosen_blo
 
 def test_encoder_ar_loss_equals_an_independent_causal_lm_loss_on_the_response(tiny, batch):
     model, _ = tiny
-    out = EncoderARObjective().loss(model, batch, torch.Generator().manual_seed(0))
+    out = EncoderARObjective().loss(model, batch, NoiseKey(0))
     labels = torch.full_like(batch["input_ids"], -100)
     for row in range(2):
         p, r = int(batch["prompt_lengths"][row]), int(batch["response_lengths"][row])
@@ -160,14 +161,13 @@ def test_ar_loss_scope_response_labels_the_response_through_eos_and_sequence_the
     assert sequence[1].nonzero().flatten().tolist() == list(range(0, 8 + 8 - 1))
     assert torch.equal(targets[:, :-1], batch["input_ids"][:, 1:])
     model, _ = tiny
-    generator = torch.Generator().manual_seed(0)
-    assert UniformObjective(ar_loss_scope="sequence").loss(model, batch, generator).ar_tokens == 20 + 15
-    assert EncoderARObjective(ar_loss_scope="sequence").loss(model, batch, generator).ar_tokens == 20 + 15
+    assert UniformObjective(ar_loss_scope="sequence").loss(model, batch, NoiseKey(0)).ar_tokens == 20 + 15
+    assert EncoderARObjective(ar_loss_scope="sequence").loss(model, batch, NoiseKey(0)).ar_tokens == 20 + 15
 
 
 def test_ar_loss_scope_sequence_equals_an_independent_causal_lm_loss_on_every_real_token(tiny, batch):
     model, _ = tiny
-    out = EncoderARObjective(ar_loss_scope="sequence").loss(model, batch, torch.Generator().manual_seed(0))
+    out = EncoderARObjective(ar_loss_scope="sequence").loss(model, batch, NoiseKey(0))
     labels = batch["input_ids"].masked_fill(~batch["attention_mask"], -100)
     with torch.no_grad():
         logits = encoder_causal_lm_logits(model, batch["input_ids"], batch["attention_mask"])
@@ -192,7 +192,7 @@ def test_the_fill_token_switch_picks_pad_or_eos_and_names_a_bad_value():
 
 def test_total_loss_is_diffusion_plus_weighted_ar(tiny, batch):
     model, _ = tiny
-    out = UniformObjective(ar_loss_weight=0.3).loss(model, batch, torch.Generator().manual_seed(0))
+    out = UniformObjective(ar_loss_weight=0.3).loss(model, batch, NoiseKey(0))
     assert torch.allclose(out.loss, out.diffusion_loss + 0.3 * out.ar_loss)
 
 
@@ -226,9 +226,9 @@ def test_without_self_conditioning_a_step_runs_one_decoder_pass(tiny, batch):
     model, _ = tiny
     passes, hook = count_decoder_passes(model)
     try:
-        UniformObjective(self_conditioning_prob=0.0).loss(model, batch, torch.Generator().manual_seed(0))
+        UniformObjective(self_conditioning_prob=0.0).loss(model, batch, NoiseKey(0))
         n_off = len(passes)
-        UniformObjective(self_conditioning_prob=1.0).loss(model, batch, torch.Generator().manual_seed(0))
+        UniformObjective(self_conditioning_prob=1.0).loss(model, batch, NoiseKey(0))
     finally:
         hook.remove()
     assert n_off == 1 and len(passes) == 3
@@ -237,15 +237,15 @@ def test_without_self_conditioning_a_step_runs_one_decoder_pass(tiny, batch):
 def test_masked_objective_feeds_the_decoder_mask_tokens_and_never_uniform_noise(tiny, batch):
     model, tok = tiny
     objective = MaskedObjective(mask_token_id=tok.mask_token_id)
-    block = objective.noised_block(model, batch, torch.Generator().manual_seed(0), t=1.0)
+    block = objective.noised_block(model, batch, NoiseKey(0), t=1.0)
     assert torch.all(block.noised == tok.mask_token_id)
-    out = objective.loss(model, batch, torch.Generator().manual_seed(0))
+    out = objective.loss(model, batch, NoiseKey(0))
     assert torch.isfinite(out.loss)
 
 
 def test_single_step_accuracy_counts_argmax_hits_on_supervised_and_on_answer_tokens(tiny, batch):
     model, _ = tiny
-    acc = UniformObjective().denoising_accuracy(model, batch, 0.0, torch.Generator().manual_seed(0))
+    acc = UniformObjective().denoising_accuracy(model, batch, 0.0, NoiseKey(0))
     assert acc.total == 2 * CANVAS and 0 <= acc.correct <= acc.total
     # Row 0's chosen block holds 8 or 4 answer tokens, row 1's holds 3 (two digits + EOS), whatever its fill.
     assert acc.answer_total in (8 + 3, 4 + 3) and 0 <= acc.answer_correct <= acc.answer_total

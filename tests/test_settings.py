@@ -36,6 +36,10 @@ def test_the_composed_config_is_typed_by_the_settings_dataclasses(compose_cfg):
     ("sampler.acceptance=greedy", r"sampler\.acceptance=greedy"),
     ("trainer.strategy=ring", r"trainer\.strategy=ring: choose one of auto, ddp, fsdp"),
     ("trainer.betas=[0.9]", r"trainer\.betas=\[0\.9\]: expected two numbers"),
+    ("trainer.expert_parallel=2", r"trainer\.expert_parallel=2 needs trainer\.strategy=fsdp"),
+    ("trainer.precision=fp8", r"trainer\.precision=fp8: choose one of"),
+    ("plan.device_memory_gb=0", r"plan\.device_memory_gb=0"),
+    ("plan.prompt_length=0", r"plan\.prompt_length=0: must be a positive number of tokens"),
     ("export.format=onnx", r"export\.format=onnx: choose one of hf, bf16"),
     ("logger.mode=sometimes", r"logger\.mode=sometimes: choose one of offline, online, disabled"),
     ("device=tpu", r"device=tpu: choose cpu, cuda or auto"),
@@ -85,3 +89,11 @@ def test_the_default_timestamped_run_dir_reads_the_same_in_the_settings_later(co
     first = str(cfg.run_dir)
     time.sleep(1.1)
     assert RunSettings.from_cfg(cfg).run_dir == first
+
+
+def test_each_quant_format_bounds_its_logits_error(compose_cfg):
+    bounds = {name: RunSettings.from_cfg(compose_cfg(f"quant={name}")).quant.max_logits_error
+              for name in ("fp8", "nvfp4", "nvfp4_experts_only")}
+    assert bounds == {"fp8": 0.1, "nvfp4": 0.25, "nvfp4_experts_only": 0.25}
+    with pytest.raises(InputError, match=r"quant.max_logits_error"):
+        RunSettings.from_cfg(compose_cfg("quant.max_logits_error=-1"))

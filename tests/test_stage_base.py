@@ -42,8 +42,9 @@ def test_model_init_tiny_writes_a_loadable_model_dir_and_a_passing_verify_json(b
     assert verify["params"]["total"] == sum(p.numel() for p in model.parameters())
     assert verify["conversion_parity_max_abs_logit_diff"] is None
     names = {c["name"] for c in verify["checks"]}
-    assert {"untied_backbone_weights_after_reload", "reload_max_abs_logit_diff", "generation_config_round_trip",
-            "tokenizer_round_trip"} <= names
+    assert {"untied_backbone_weights_after_reload", "reload_layer_relative_error", "reload_pinned_max_abs_logit_diff",
+            "reload_routing_disagreement", "generation_config_round_trip", "tokenizer_round_trip"} <= names
+    assert verify["reload_parity"]["layers"] == 2 and verify["eos_token_id"] == 1
     assert all(set(c) == {"name", "value", "threshold", "op", "passed"} for c in verify["checks"])
 
 
@@ -86,8 +87,10 @@ def test_a_gemma4_base_is_converted_and_its_parity_recorded(base_cfg, tmp_path, 
     assert result["input"] == str(checkpoint)
     assert result["conversion_parity_max_abs_logit_diff"] < 1e-4
     checks = {c["name"]: c for c in result["checks"]}
-    parity = checks["conversion_parity_max_abs_logit_diff"]
+    parity = checks["conversion_parity_pinned_max_abs_logit_diff"]
     assert parity["threshold"] == 1e-4 and parity["passed"] is True
+    assert checks["conversion_parity_layer_relative_error"]["passed"] is True
+    assert checks["conversion_parity_routing_disagreement"]["value"] == 0.0
     assert ("vision_parity_max_abs_diff" in checks) is vision
     assert checks["self_conditioning_noop_max_abs_logit_diff"]["value"] == 0.0
     # Gemma 4 parameters + the new self-conditioning block (+ the vision placeholder for a text-only source).
@@ -125,8 +128,12 @@ def test_a_random_init_without_the_board_tokenizer_is_refused(base_cfg, tmp_path
 
 
 def test_a_parity_above_the_threshold_fails_its_check():
+    parity = {"layer_relative_error": 3e-3, "worst_layer": 1, "pinned_max_abs_logit_diff": 1e-6,
+              "routing_disagreement": 0.5}
     report = ConversionReport("Gemma4ForCausalLM", 10, has_vision=False, parity_max_abs_logit_diff=3e-3,
-                              self_conditioning_max_abs_diff=0.0)
+                              parity=parity, self_conditioning_max_abs_diff=0.0)
     checks = {c["name"]: c for c in base.conversion_checks(report, torch.float32)}
-    assert checks["conversion_parity_max_abs_logit_diff"]["passed"] is False
+    assert checks["conversion_parity_layer_relative_error"]["passed"] is False
+    assert checks["conversion_parity_routing_disagreement"]["passed"] is False
+    assert checks["conversion_parity_pinned_max_abs_logit_diff"]["passed"] is True
     assert checks["self_conditioning_noop_max_abs_logit_diff"]["passed"] is True

@@ -23,6 +23,8 @@ FAST = [
     "data.n_train=32", "data.n_val=4", "data.n_eval=4",
     "calib.n_samples=4", "calib.batch_size=4", "verify.batch_size=4", "sampler.max_denoising_steps=4",
     "verify.ar_baseline=false", "verify.plots=false",
+    "verify.allow_flat_metric=true",  # a random tiny model solves nothing: the drop check cannot fail
+    "quant.max_logits_error=0.5",  # its logits error (fp8 0.15) is far above a trained model's (0.012)
 ]
 
 

@@ -19,6 +19,8 @@ FAST = [
     "calib.n_samples=4", "calib.batch_size=4", "quant.probe_prompts=2",
     "sampler.max_denoising_steps=4",
     "verify.ar_baseline=false", "verify.speed_examples=1", "verify.plots=false",
+    "verify.allow_flat_metric=true",  # a random tiny model solves nothing: the drop check cannot fail
+    "quant.max_logits_error=0.5",  # its logits error (fp8 0.15) is far above a trained model's (0.012)
 ]
 
 
@@ -138,3 +140,23 @@ def test_calibration_samples_the_canvas_the_run_was_trained_for(compose_cfg, obj
         hook.remove()
     mask_canvases = [r for r in rows if len(r) == 17 and set(r) == {tokenizer.mask_token_id}]
     assert bool(mask_canvases) is all_mask_canvases
+
+
+def test_the_gate_bounds_the_logits_error_and_refuses_a_metric_that_cannot_move(compose_cfg, sft_dir, tmp_path):
+    # The random tiny model solves no board: its SFT record is 0, so 0 after quantization passes any drop allowance.
+    with pytest.raises(GateFailed, match=r"metric_can_move: False .*the reference gate got no example right"):
+        run_quantize(compose_cfg, tmp_path / "flat", "quant=fp8", f"input={sft_dir}", "verify.allow_flat_metric=false")
+    verify = json.loads((tmp_path / "flat" / "quantize" / "fp8" / "verify.json").read_text())
+    checks = {c["name"]: c for c in verify["checks"]}
+    assert verify["accuracy"] == 0.0 and checks["max_accuracy_drop"]["passed"] is True  # what used to pass alone
+    assert checks["metric_can_move"] == {"name": "metric_can_move", "value": False, "threshold": True, "op": "is",
+                                         "passed": False}
+    assert checks["max_logits_error"]["passed"] is True and checks["max_logits_error"]["threshold"] == 0.5
+
+    # Allowed, the flat metric is still recorded as such; a logits error above the bound fails the gate.
+    with pytest.raises(GateFailed, match=r"max_logits_error: [0-9.e-]+ \(needs <= 1e-06\)"):
+        run_quantize(compose_cfg, tmp_path / "bound", "quant=fp8", f"input={sft_dir}", "quant.max_logits_error=1e-6")
+    verify = json.loads((tmp_path / "bound" / "quantize" / "fp8" / "verify.json").read_text())
+    checks = {c["name"]: c for c in verify["checks"]}
+    assert checks["metric_can_move"]["value"] is False and checks["metric_can_move"]["passed"] is True
+    assert checks["max_logits_error"]["value"] == verify["logits_relative_error"] > 1e-6

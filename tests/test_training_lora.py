@@ -12,7 +12,7 @@ from dg_pipeline.data.examples import Example
 from dg_pipeline.data.tokenizer import build_board_tokenizer
 from dg_pipeline.model import build_config
 from dg_pipeline.model.logits import encoder_causal_lm_logits
-from dg_pipeline.objective import UniformObjective
+from dg_pipeline.objective import NoiseKey, UniformObjective
 from dg_pipeline.training.lora import apply_lora, merge_lora
 from dg_pipeline.training.module import BlockDiffusionModule, OptimConfig
 
@@ -58,7 +58,7 @@ def test_encoder_and_decoder_share_one_adapter_per_linear_through_a_training_ste
     examples = [Example([2, 6, 7, 8, 5], [9, 10, 11, 1], {}), Example([2, 9, 8, 5], [7, 6, 1], {})]
     batch = collate(examples, canvas_length=CANVAS, pad_id=tok.pad_token_id)
     before = encoder_causal_lm_logits(model, batch["input_ids"]).detach()
-    module.objective.loss(model, batch, torch.Generator().manual_seed(0)).loss.backward()
+    module.objective.loss(model, batch, NoiseKey(0)).loss.backward()
     optimizer.step()
     x = torch.randn(3, model.config.text_config.hidden_size)
     for enc, dec in layer_pairs(model):

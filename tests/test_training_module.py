@@ -8,12 +8,13 @@ import torch
 from omegaconf import OmegaConf
 from transformers import DiffusionGemmaForBlockDiffusion
 
+from helpers import board_examples
+
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.data.collate import collate
-from dg_pipeline.data.examples import Example
 from dg_pipeline.data.tokenizer import build_board_tokenizer
 from dg_pipeline.model import build_config
-from dg_pipeline.objective import UniformObjective, build_objective
+from dg_pipeline.objective import NoiseKey, UniformObjective, build_objective
 from dg_pipeline.training.module import (
     BlockDiffusionModule,
     OptimConfig,
@@ -48,16 +49,6 @@ def trainable_tiny_model(seed=0):
     return model, tok
 
 
-def board_examples(n):
-    # Prompt: <bos> four digits <sep>; response: the digits shifted by one, then EOS (learnable, tiny).
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        digits = torch.randint(6, 16, (4,), generator=g).tolist()
-        out.append(Example([2, *digits, 5], [(d - 6 + 1) % 10 + 6 for d in digits] + [1], {}))
-    return out
-
-
 def stage_cfg(run_dir, **trainer_overrides):
     cfg = OmegaConf.create({
         "trainer": OmegaConf.load(CONF / "trainer" / "cpu.yaml"),
@@ -73,12 +64,13 @@ def stage_cfg(run_dir, **trainer_overrides):
     return cfg
 
 
-def job(cfg, stage_dir, max_steps):
+def job(cfg, stage_dir, max_steps, **kwargs):
     """The TrainingJob stage=sft hands `fit` for `cfg` (the groups typed as the entry point types them)."""
     return TrainingJob(
         stage="sft", stage_dir=stage_dir, max_steps=max_steps,
         trainer=group_settings(TrainerSettings, cfg.trainer), objective=group_settings(ObjectiveSettings, cfg.objective),
         logger=group_settings(LoggerSettings, cfg.logger), run_dir=Path(cfg.run_dir).resolve(), seed=0, device="cpu",
+        **kwargs,
     )
 
 
@@ -91,7 +83,7 @@ def test_router_is_frozen_and_unchanged_by_a_step_while_the_backbone_learns():
     module = BlockDiffusionModule(model, UniformObjective(), OptimConfig(lr=1e-2, max_steps=10))
     optimizer = module.configure_optimizers()["optimizer"]
     batch = collate(board_examples(4), canvas_length=CANVAS, pad_id=tok.pad_token_id)
-    module.objective.loss(model, batch, torch.Generator().manual_seed(0)).loss.backward()
+    module.objective.loss(model, batch, NoiseKey(0)).loss.backward()
     optimizer.step()
     for name, param in model.named_parameters():
         if ".router." in name:
@@ -100,6 +92,16 @@ def test_router_is_frozen_and_unchanged_by_a_step_while_the_backbone_learns():
     # The tie survives the step: the encoder computes with the decoder's updated weight.
     assert model.model.encoder.language_model.layers[0].self_attn.q_proj.weight is \
         model.model.decoder.layers[0].self_attn.q_proj.weight
+
+
+def test_no_ddp_or_lightning_sync_overwrites_a_ranks_rotary_buffers():
+    # Rank 0's buffers broadcast by position would swap the per-layer-type rotary frequencies on a rank whose
+    # string hashing ordered them differently (tests/test_stage_distributed.py: DDP and FSDP val loss agree).
+    model, _ = tiny_model()
+    module = BlockDiffusionModule(model, UniformObjective(), OptimConfig(lr=1e-3, max_steps=1))
+    buffers = {name for name, _ in module.named_buffers()}
+    assert any("rotary_emb" in name for name in buffers)
+    assert set(module._ddp_params_and_buffers_to_ignore) == buffers
 
 
 def test_learning_rate_warms_up_linearly_then_follows_a_cosine_down_to_the_min_ratio():
@@ -137,7 +139,10 @@ def test_exp_manager_gets_wandb_offline_under_the_run_dir_and_checkpoints_under_
     assert em["create_wandb_logger"] and em["wandb_logger_kwargs"]["offline"]
     assert em["wandb_logger_kwargs"]["save_dir"] == str(tmp_path.resolve())
     assert em["wandb_logger_kwargs"]["project"] == "dg_pipeline"
-    assert em["resume_if_exists"] is True and em["resume_ignore_no_checkpoint"] is True
+    # The checkpoint to resume is chosen by dg_pipeline.training.checkpoints, and handed to exp_manager.
+    assert em["resume_if_exists"] is False and em["resume_from_checkpoint"] is None
+    resumed = exp_manager_config(job(cfg, tmp_path / "sft", max_steps=10), resume_from=tmp_path / "sft-3-last.ckpt")
+    assert resumed["resume_from_checkpoint"] == str(tmp_path / "sft-3-last.ckpt")
     assert em["checkpoint_callback_params"]["monitor"] == "val/loss"
     disabled = exp_manager_config(job(OmegaConf.merge(cfg, {"logger": {"mode": "disabled"}}), tmp_path, 10))
     assert not disabled["create_wandb_logger"]
@@ -213,3 +218,37 @@ def test_an_experiment_dir_is_kept_for_resume_only_by_the_same_run(tmp_path):
     (exp / "checkpoints" / "sft-3-last.ckpt").write_text("x")
     prepare_exp_dir(exp, "run-b", resume=False)
     assert not (exp / "checkpoints" / "sft-3-last.ckpt").exists()  # force / resume_if_exists=false: fresh
+
+
+def test_an_interrupted_checkpoint_save_is_removed_and_the_run_resumes_from_the_last_complete_one(tmp_path, capsys):
+    from nemo.utils.callbacks.nemo_model_checkpoint import NeMoModelCheckpoint
+
+    model, tok = trainable_tiny_model()
+    examples = board_examples(24)
+    cfg = stage_cfg(tmp_path, val_check_interval=2, warmup_steps=1, lr=3e-3)
+    cfg.logger.mode = "disabled"
+    train, val = make_loaders(examples[:16], examples[16:], cfg.trainer, CANVAS, tok.pad_token_id, seed=0)
+    objective = build_objective(cfg.objective, tok)
+
+    def run(steps, resume=True):
+        module = BlockDiffusionModule(trainable_tiny_model()[0], objective, OptimConfig.from_trainer_cfg(cfg.trainer, 5))
+        return fit(module, train, val, job(cfg, tmp_path / "sft", max_steps=steps, fingerprint="f", resume=resume))[0]
+
+    run(3)
+    checkpoints = tmp_path / "sft" / "exp" / "checkpoints"
+    last = checkpoints / "sft-3-last.ckpt"
+    # A save killed half-way: NeMo's marker beside a truncated file.
+    NeMoModelCheckpoint.set_checkpoint_unfinished_marker(last)
+    last.write_bytes(last.read_bytes()[:100])
+    capsys.readouterr()
+
+    resumed = run(5)
+    said = capsys.readouterr().out
+    assert "sft-3-last.ckpt was still being written when the previous run stopped" in said
+    assert resumed.resumed_from.endswith("sft-2.ckpt") and "resuming from" in said and "(step 2)" in said
+    assert resumed.steps == 5
+    assert not list(checkpoints.glob("*-unfinished")) and not last.exists()
+
+    # force=true (resume=False) always starts clean, whatever is in the experiment dir.
+    fresh = run(2, resume=False)
+    assert fresh.resumed_from is None and fresh.steps == 2

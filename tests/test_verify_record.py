@@ -49,8 +49,19 @@ def test_an_accuracy_floor_outside_0_1_is_a_config_error(gate_settings):
 def test_all_checks_pass_when_every_value_meets_its_threshold():
     checks = gate_checks(0.8, 2.0, GateThresholds(0.8, 0.05, 1.5), reference={"accuracy": 0.84, "metric": "solved"})
     assert [(c.name, c.passed) for c in checks] == [
-        ("min_accuracy", True), ("max_accuracy_drop", True), ("min_speedup", True)
+        ("min_accuracy", True), ("max_accuracy_drop", True), ("metric_can_move", True), ("min_speedup", True)
     ]
+
+
+@pytest.mark.parametrize("allow_flat", [False, True])
+def test_a_drop_check_against_a_reference_that_solved_nothing_is_not_certified_silently(allow_flat):
+    # 0 before and 0 after: the drop check passes whatever the model became.
+    checks = {c.name: c for c in gate_checks(0.0, None, GateThresholds(max_accuracy_drop=0.02,
+                                                                       allow_flat_metric=allow_flat),
+                                             reference={"accuracy": 0.0, "metric": "exact_match"})}
+    assert checks["max_accuracy_drop"].passed is True
+    assert checks["metric_can_move"].value is False and checks["metric_can_move"].passed is allow_flat
+    assert "got no example right" in checks["metric_can_move"].describe()
 
 
 def test_accuracy_below_the_floor_fails_min_accuracy():

@@ -104,3 +104,16 @@ def test_the_data_kind_picks_the_scorer(tok):
 def test_aggregate_averages_the_metric_and_every_extra():
     out = aggregate([Score(True, {"cell_accuracy": 1.0}), Score(False, {"cell_accuracy": 0.5})])
     assert out == {"accuracy": 0.5, "cell_accuracy": 0.75}
+
+
+def test_an_answer_ending_in_turn_end_scores_in_full_when_it_is_one_of_the_models_stop_ids():
+    from dg_pipeline.data.tokenizer import CHAT_EOS_IDS, build_char_tokenizer
+
+    chat = build_char_tokenizer()
+    generated = ids(chat, "ab<turn|>junk")  # the model ends its turn; the tail is never read
+    for reference in ("ab<turn|>", "ab<eos>"):  # the template's turn, or completion + <eos>
+        s = CompletionScorer(chat, CHAT_EOS_IDS).score(generated, Ex(ids(chat, reference)))
+        assert s.correct and s.extras["token_accuracy"] == 1.0 and s.text == "ab"
+    # Reading only up to the tokenizer's <eos>: the turn's end and the junk after it count against the answer.
+    old = CompletionScorer(chat).score(generated, Ex(ids(chat, "ab<eos>")))
+    assert not old.correct and old.extras["token_accuracy"] == pytest.approx(2 / 3)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
 from dg_pipeline.core.registry import STAGES
 
 
-def fingerprint_parts(cfg: DictConfig, keys: Iterable[str], upstream: str) -> dict[str, str]:
+def fingerprint_parts(cfg: DictConfig | Mapping, keys: Iterable[str], upstream: str) -> dict[str, str]:
     """{config group: short hash, ..., "input": short hash of `upstream`}: what a stage's output was made with (its
     gate record keeps it; a reuse compares it part by part, so the reason names what changed)."""
     parts = {}
@@ -30,7 +30,7 @@ def fingerprint_parts(cfg: DictConfig, keys: Iterable[str], upstream: str) -> di
     return parts
 
 
-def config_fingerprint(cfg: DictConfig, keys: Iterable[str], upstream: str) -> str:
+def config_fingerprint(cfg: DictConfig | Mapping, keys: Iterable[str], upstream: str) -> str:
     """A short hash of the config groups `keys` of `cfg` and of `upstream` (what the work starts from)."""
     return _short_hash(fingerprint_parts(cfg, keys, upstream))
 

@@ -81,8 +81,3 @@ def output_lock(run_dir: str | os.PathLike, output: str | os.PathLike, say: Call
             f.flush()
             fcntl.flock(f, fcntl.LOCK_UN)
 
-
-def is_launcher_rank_zero() -> bool:
-    """Rank 0 of a multi-process run (torchrun, SLURM, Lightning's own launch), or a single process: the process
-    that takes the output locks (the other ranks write nothing a lock guards)."""
-    return all(int(os.environ.get(key, "0") or 0) == 0 for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))

@@ -32,6 +32,8 @@ class StageSpec:
     # An optional stage: stage=all runs it only when this count is > 0; its consumers fall back to its provider.
     enabled_by: str | None = None
     all_overrides: tuple[str, ...] = ()  # what stage=all adds to this step's command line ({variant} filled in)
+    every_rank: bool = False  # it trains: every rank of a multi-process run runs it (other stages: rank 0 alone)
+    tracked: bool = True  # W&B logs its verify.json metrics and its output as a lineage artifact
 
     @property
     def optional(self) -> bool:
@@ -57,10 +59,11 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
               summary="base weights: model.base (loaded or converted) or model.init (random)"),
     StageSpec("pretrain", "base", "pretrain/model", ("model", "data", "trainer", "seed"), REUSE,
               "pretrain/verify.json",
-              summary="causal-LM training of the shared weights", enabled_by="trainer.pretrain_steps"),
+              summary="causal-LM training of the shared weights", enabled_by="trainer.pretrain_steps",
+              every_rank=True),
     StageSpec("sft", "pretrain", "sft/model",
               ("model", "data", "objective", "trainer", "sampler", "verify", "seed"), REUSE, "sft/verify.json",
-              summary="block-diffusion fine-tuning, then the gate"),
+              summary="block-diffusion fine-tuning, then the gate", every_rank=True),
     StageSpec("eval", "sft", "eval", (), NEVER, "eval/verify.json", in_all=False,
               why_never="a measurement of whatever input= holds now: always measured again",
               summary="the gate on any dir the pipeline writes (model dir, quantize output, export)"),
@@ -75,6 +78,10 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
               # the fingerprint decided to rebuild it, so it may replace the old bundle
               all_overrides=("export.format=hf", "export.name={variant}", "export.overwrite=true")),
     StageSpec("check", "export", None, (), NEVER, summary="the loader rules on exported dirs", in_all=False),
+    StageSpec("plan", None, "plan", ("model", "data", "objective", "trainer", "plan"), NEVER,
+              why_never="a few seconds on the meta device, no gate: always computed again",
+              summary="per-device memory of sft under the sharding plan (meta device, no training)", in_all=False,
+              tracked=False),
 )}
 
 # Pipeline order (gate tables list stages in it).
@@ -139,8 +146,10 @@ def registry_markdown() -> str:
         if s.provider and STAGES[s.provider].optional:
             provider += f", else `{STAGES[s.provider].provider}`"
         keys = ", ".join(f"`{k}`" for k in s.fingerprint_keys) or "-"
-        name = f"`{s.name}`" + (f" (when `{s.enabled_by}` > 0)" if s.optional else "") + ("" if s.in_all else " *")
+        name = f"`{s.name}`" + (f" (when `{s.enabled_by}` > 0)" if s.optional else "") + ("" if s.in_all else " *") \
+            + (" (every rank)" if s.every_rank else "")
         reuse = s.reuse + (f" ({s.why_never})" if s.why_never else "")
         lines.append(f"| {name} | `stages/{s.name}.py` | {provider} | {f'`{s.output}`' if s.output else '-'} | {keys} "
                      f"| {reuse} | {s.summary} |")
-    return "\n".join(lines) + "\n\n`*`: not part of `stage=all`.\n"
+    return "\n".join(lines) + ("\n\n`*`: not part of `stage=all`. (every rank): every rank of a multi-process run "
+                               "runs it; the other stages run on rank 0 while the other ranks wait.\n")

@@ -1,8 +1,8 @@
 """Data: Sudoku generation and validation, readers for local files, the board tokenizer, examples and the collator.
 
 Stages call `load_splits(settings.data, tokenizer, run_dir, seed)` (`load_eval_examples` for a gate alone);
-training batches with `collate` (or `Collator` as a DataLoader collate_fn); the sampler/evaluator takes prompts
-from `left_padded_prompts`.
+training batches with `collate` (or `Collator` as a DataLoader collate_fn) in the seeded, rank-split, resumable
+order of `GlobalBatchSampler` / `ResumableLoader`; the sampler/evaluator takes prompts from `left_padded_prompts`.
 """
 
 from dg_pipeline.data.collate import Collator, ExampleDataset, blocks_for, collate, left_padded_prompts
@@ -15,6 +15,7 @@ from dg_pipeline.data.examples import (
     sudoku_example,
     sudoku_examples,
 )
+from dg_pipeline.data.order import GlobalBatchSampler, ResumableLoader
 from dg_pipeline.data.readers import (
     ChatRecord,
     read_boards,
@@ -43,6 +44,8 @@ __all__ = [
     "Collator",
     "Example",
     "ExampleDataset",
+    "GlobalBatchSampler",
+    "ResumableLoader",
     "Splits",
     "blocks_for",
     "build_board_tokenizer",

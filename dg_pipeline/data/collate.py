@@ -24,12 +24,12 @@ def blocks_for(response_length: int, canvas_length: int) -> int:
     return math.ceil(response_length / canvas_length)
 
 
-def collate(
-    examples: Sequence[Example], canvas_length: int, pad_id: int, fill_id: int | None = None
-) -> dict[str, torch.Tensor]:
-    """input_ids (B,L), attention_mask (B,L) bool, prompt_lengths (B,), response_lengths (B,), num_blocks (B,).
-
-    `fill_id`: the token after EOS up to the block end (None = pad_id); the batch padding past a row is pad_id."""
+def collate(examples: Sequence[Example], canvas_length: int, pad_id: int,
+            keys: Sequence[tuple[int, int]] | None = None, fill_id: int | None = None) -> dict[str, torch.Tensor]:
+    """input_ids (B,L), attention_mask (B,L) bool, prompt_lengths (B,), response_lengths (B,), num_blocks (B,),
+    and each row's noise key: epoch (B,), example_index (B,) (`keys` = (epoch, dataset index) pairs; default:
+    epoch 0, index = row). `fill_id`: the token after EOS up to the block end (None = pad_id); the batch padding
+    past a row is pad_id."""
     if not examples:
         raise ValueError("collate needs at least one example")
     if canvas_length <= 0:
@@ -49,12 +49,15 @@ def collate(
         if fill_id is not None:
             input_ids[b, p + r : length] = fill_id
         attention_mask[b, :length] = True  # the block fill is attended: the model learns to emit <pad> after EOS
+    keys = list(keys) if keys is not None else [(0, b) for b in range(len(examples))]
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "prompt_lengths": torch.tensor(prompt_lengths, dtype=torch.long),
         "response_lengths": torch.tensor(response_lengths, dtype=torch.long),
         "num_blocks": torch.tensor(num_blocks, dtype=torch.long),
+        "epoch": torch.tensor([e for e, _ in keys], dtype=torch.long),
+        "example_index": torch.tensor([i for _, i in keys], dtype=torch.long),
     }
 
 
@@ -73,7 +76,9 @@ def left_padded_prompts(examples: Sequence[Example], pad_id: int) -> tuple[torch
 
 
 class ExampleDataset(Dataset):
-    """A map-style torch Dataset over a list of Examples."""
+    """A map-style torch Dataset over a list of Examples. Indexed by a dataset index, or by an (epoch, index) key
+    (`dg_pipeline.data.order.GlobalBatchSampler`), it returns (epoch, index, Example): the key travels with the
+    example into the batch, where it seeds the example's noise."""
 
     def __init__(self, examples: Sequence[Example]):
         self.examples = list(examples)
@@ -81,17 +86,20 @@ class ExampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def __getitem__(self, i: int) -> Example:
-        return self.examples[i]
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[int, int, Example]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        return epoch, index, self.examples[index]
 
 
 @dataclass(frozen=True)
 class Collator:
-    """`collate` with fixed canvas length and pad id: a picklable DataLoader collate_fn (works with workers)."""
+    """`collate` with fixed canvas length and pad id: a picklable DataLoader collate_fn (works with workers) over
+    ExampleDataset items."""
 
     canvas_length: int
     pad_id: int
     fill_id: int | None = None
 
-    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
-        return collate(examples, self.canvas_length, self.pad_id, self.fill_id)
+    def __call__(self, items: Sequence[tuple[int, int, Example]]) -> dict[str, torch.Tensor]:
+        return collate([e for _, _, e in items], self.canvas_length, self.pad_id,
+                       keys=[(epoch, index) for epoch, index, _ in items], fill_id=self.fill_id)

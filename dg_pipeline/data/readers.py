@@ -5,9 +5,12 @@ Every bad row is one InputError `path:LINE: what is wrong (fix: how)`; blank lin
 - Kaggle CSV: a header with `quizzes,solutions` (or `puzzle,solution`; other columns are ignored), one board per
   row, `0` or `.` = blank.
 - Board JSONL: `{"puzzle": "...", "solution": "..."}` per line.
-- Chat JSONL: `{"prompt": "...", "completion": "..."}` or `{"messages": [{"role", "content"}, ...]}` per line;
-  single-turn SFT: the final message must be the assistant's (the supervised response), the ones before it are
-  the prompt.
+- Chat JSONL: `{"prompt": "...", "completion": "..."}` or `{"messages": [{"role", "content"}, ...]}` per line
+  (OpenAI chat format); single-turn SFT: the final message must be the assistant's (the supervised response), the
+  ones before it are the prompt. Roles: system, developer, user, assistant, tool. `content` is a string or a list of
+  OpenAI content parts, of which text parts are kept (joined) and any other part type is an error naming it. An
+  assistant message's `tool_calls` and `reasoning_content` are kept for the chat template to render (the data
+  package refuses them where the template would drop them: dg_pipeline.data.examples).
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from dg_pipeline.data.sudoku import Board, BoardError, size_for_length, validate
 
 # Accepted (puzzle, solution) column pairs of a Sudoku CSV header.
 CSV_COLUMNS = (("quizzes", "solutions"), ("puzzle", "solution"))
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# Message keys kept besides role and content, for the chat template (OpenAI / transformers chat format).
+CHAT_EXTRA_KEYS = ("tool_calls", "reasoning_content", "tool_call_id", "name")
 
 
 # --------------------------------------------------------------------------------------------- boards
@@ -115,11 +120,17 @@ def _validated(where: str, puzzle: str, solution: str, size: int | None) -> Boar
 
 @dataclass(frozen=True)
 class ChatRecord:
-    """One single-turn SFT row: the prompt turns (everything before the final assistant turn) and its text."""
+    """One single-turn SFT row: the prompt turns (everything before the final assistant turn), the final assistant
+    message (content plus any tool_calls / reasoning_content) and its text."""
 
-    prompt_messages: list[dict[str, str]]
+    prompt_messages: list[dict[str, Any]]
     completion: str
     where: str  # "path:LINE", for errors raised later (e.g. a prompt too long once tokenised)
+    response_message: dict[str, Any] | None = None  # None = {"role": "assistant", "content": completion}
+
+    @property
+    def response(self) -> dict[str, Any]:
+        return self.response_message or {"role": "assistant", "content": self.completion}
 
 
 def read_chat_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[ChatRecord]:
@@ -153,37 +164,70 @@ def _from_prompt_completion(where: str, obj: dict[str, Any]) -> ChatRecord:
     return ChatRecord([{"role": "user", "content": obj["prompt"]}], obj["completion"], where)
 
 
+_MESSAGES_FIX = (
+    '(fix: "messages" is a list of {"role": "system"|"developer"|"user"|"assistant"|"tool", "content": "<text>" or '
+    '[{"type": "text", "text": "<text>"}, ...]} ending with the assistant)'
+)
+
+
+def _text_content(where: str, i: int, content: Any, may_be_empty: bool) -> str:
+    """A message's content as text: a string as is, OpenAI content parts joined (text parts only)."""
+    if content is None and may_be_empty:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InputError(f"{where}: message {i} content is a {type(content).__name__}, not a string or a list of "
+                         f"content parts {_MESSAGES_FIX}")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise InputError(
+                f"{where}: message {i} content part {j} is of type {kind!r}; only text parts "
+                '({"type": "text", "text": "..."}) are supported, this pipeline trains a text model '
+                "(fix: drop the part or describe it in text)"
+            )
+        texts.append(part["text"])
+    return "".join(texts)  # parts are consecutive pieces of one message, as chat templates write them
+
+
 def _from_messages(where: str, messages: Any) -> ChatRecord:
-    fix = (
-        '(fix: "messages" is a list of {"role": "user"|"assistant"|"system", "content": "<text>"} '
-        "ending with the assistant)"
-    )
     if not isinstance(messages, list) or not messages:
-        raise InputError(f"{where}: \"messages\" must be a non-empty list {fix}")
+        raise InputError(f"{where}: \"messages\" must be a non-empty list {_MESSAGES_FIX}")
+    normalised = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise InputError(f"{where}: message {i} needs \"role\" and \"content\" {fix}")
+            raise InputError(f"{where}: message {i} needs \"role\" and \"content\" {_MESSAGES_FIX}")
         if message["role"] not in CHAT_ROLES:
-            raise InputError(f"{where}: message {i} has role {message['role']!r}; expected one of {CHAT_ROLES} {fix}")
-        if not isinstance(message["content"], str):
-            kind = type(message["content"]).__name__
-            raise InputError(f"{where}: message {i} content is a {kind}, not a string {fix}")
-    final = messages[-1]
+            raise InputError(f"{where}: message {i} has role {message['role']!r}; expected one of {CHAT_ROLES} "
+                             f"{_MESSAGES_FIX}")
+        calls = message.get("tool_calls")
+        if calls is not None and (message["role"] != "assistant" or not isinstance(calls, list)):
+            raise InputError(f"{where}: message {i} has \"tool_calls\" {'' if isinstance(calls, list) else 'that is not a list '}"
+                             f"on a {message['role']!r} message (fix: tool_calls is a list on assistant messages)")
+        reasoning = message.get("reasoning_content")
+        if reasoning is not None and (message["role"] != "assistant" or not isinstance(reasoning, str)):
+            raise InputError(f"{where}: message {i} has \"reasoning_content\" on a {message['role']!r} message or "
+                             "not as a string (fix: reasoning_content is the assistant's reasoning text)")
+        content = _text_content(where, i, message["content"], may_be_empty=bool(calls))
+        extras = {k: message[k] for k in CHAT_EXTRA_KEYS if message.get(k) is not None}
+        normalised.append({"role": message["role"], "content": content, **extras})
+    final = normalised[-1]
     if final["role"] != "assistant":
         raise InputError(
             f"{where}: the last message is from {final['role']!r}, not the assistant "
             "(fix: end each conversation with the assistant turn to supervise; single-turn SFT)"
         )
-    if len(messages) < 2:
+    if len(normalised) < 2:
         raise InputError(
             f"{where}: no prompt: the assistant turn is the only message (fix: add the user turn before it)"
         )
-    if not final["content"].strip():
+    if not final["content"].strip() and not final.get("tool_calls"):
         raise InputError(
             f"{where}: empty completion: the final assistant message is empty (fix: fill it or drop the row)"
         )
-    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:-1]]
-    return ChatRecord(prompt, final["content"], where)
+    return ChatRecord(normalised[:-1], final["content"], where, response_message=final)
 
 
 # --------------------------------------------------------------------------------------------- shared

@@ -69,27 +69,29 @@ class Splits:
 
 
 def load_splits(
-    data: DataSettings, tokenizer: PreTrainedTokenizerBase, run_dir: RunDir | str | os.PathLike, seed: int
+    data: DataSettings, tokenizer: PreTrainedTokenizerBase, run_dir: RunDir | str | os.PathLike, seed: int,
+    eos_token_ids: Sequence[int] | None = None,
 ) -> Splits:
-    """Train/val/eval Examples of the `data` group."""
+    """Train/val/eval Examples of the `data` group. `eos_token_ids`: the model's stop ids (where a chat turn's
+    supervision ends; None = the tokenizer's eos)."""
     data_dir = (run_dir if isinstance(run_dir, RunDir) else RunDir(Path(run_dir))).data_dir()
     if data.kind == "sudoku":
         return _sudoku_splits(data, tokenizer, data_dir, seed)
-    return _chat_splits(data, tokenizer, seed)
+    return _chat_splits(data, tokenizer, seed, eos_token_ids)
 
 
 def load_eval_examples(data: DataSettings, tokenizer: PreTrainedTokenizerBase, run_dir: RunDir, seed: int,
-                       limit: int | None = None) -> list[Example]:
+                       limit: int | None = None, eos_token_ids: Sequence[int] | None = None) -> list[Example]:
     """The examples a gate scores: data.eval_path read directly (its first `limit` rows; no training data is
     touched), else the run's eval split; Sudoku adds the independent held-out boards."""
     if not data.eval_path:
-        return load_splits(data, tokenizer, run_dir, seed).gate_examples()
+        return load_splits(data, tokenizer, run_dir, seed, eos_token_ids).gate_examples()
     if data.kind == "sudoku":
         boards = _eval_rows(read_boards(data.eval_path, data.size, limit=limit), data.eval_path)
         size = data.size or (size_for_length(len(boards[0].puzzle)) if boards else None)
         return sudoku_examples(boards, tokenizer, FILE_SOURCE) + independent_examples(data, tokenizer, size, len(boards))
     records = _eval_rows(read_chat_jsonl(data.eval_path, limit=limit), data.eval_path)
-    return chat_examples(records, tokenizer, data.max_prompt_length, data.chat_template)
+    return chat_examples(records, tokenizer, data.max_prompt_length, data.chat_template, eos_token_ids)
 
 
 # --------------------------------------------------------------------------------------------- sudoku
@@ -269,7 +271,8 @@ def _digest(puzzles: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------------- chat
 
 
-def _chat_splits(data: DataSettings, tokenizer: PreTrainedTokenizerBase, seed: int) -> Splits:
+def _chat_splits(data: DataSettings, tokenizer: PreTrainedTokenizerBase, seed: int,
+                 eos_token_ids: Sequence[int] | None) -> Splits:
     train_path, eval_path = data.train_path, data.eval_path
     if not train_path:
         raise InputError(
@@ -284,7 +287,7 @@ def _chat_splits(data: DataSettings, tokenizer: PreTrainedTokenizerBase, seed: i
     )
     splits = Splits(
         *(
-            chat_examples(records, tokenizer, data.max_prompt_length, data.chat_template)
+            chat_examples(records, tokenizer, data.max_prompt_length, data.chat_template, eos_token_ids)
             for records in (train_records, val_records, eval_records)
         )
     )

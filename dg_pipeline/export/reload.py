@@ -121,7 +121,7 @@ def load_export(
         raise InputError(mismatch)
     if (export_dir / GENERATION_CONFIG).exists():
         model.generation_config = generation_config(
-            tokenizer, base=DiffusionGemmaGenerationConfig.from_pretrained(export_dir)
+            tokenizer, base=DiffusionGemmaGenerationConfig.from_pretrained(export_dir), model_config=config
         )
     quant = read_quant_config(export_dir)
     return ReloadedExport(model, tokenizer, export_dir, (quant or {}).get("quant_algo"), dequantized)

@@ -51,7 +51,7 @@ def release_generation_config(model, tokenizer, settings: SamplerSettings | None
     """What a release's generation_config.json carries: the model's sampler keys and token ids (unset ones from
     the defaults), with the run's non-null `sampler.*` keys applied; nothing else of the model's config."""
     own = read_sampler_settings(getattr(model, "generation_config", None))
-    return generation_config(tokenizer, **{**own, **(settings.generation_overrides() if settings else {})})
+    return generation_config(tokenizer, model_config=model.config, **{**own, **(settings.generation_overrides() if settings else {})})
 
 
 # ------------------------------------------------------------------------------------------ the probe forward

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, Gemma4VisionConfig
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.model.vllm_contract import ARCHITECTURE, complete_engine_attributes
@@ -31,6 +31,8 @@ class TextShape:
     layer_types: tuple[str, ...] | None = None
     max_position_embeddings: int = 4096
     extra: dict = field(default_factory=dict)
+    # None = the tiny vision tower (never fed images in these recipes); "released" = Gemma 4's default tower
+    vision: str | None = None
 
 
 S, F = "sliding_attention", "full_attention"
@@ -56,6 +58,16 @@ NAMED_SHAPES: dict[str, TextShape] = {
     "bench100m": TextShape(hidden_size=512, intermediate_size=1536, num_hidden_layers=10, num_attention_heads=8,
                            num_key_value_heads=2, head_dim=64, num_experts=8, top_k_experts=2,
                            moe_intermediate_size=512, sliding_window=512),
+    # The released DiffusionGemma 26B-A4B (google/diffusiongemma-26B-A4B-it: ~25.4B params with this vision tower;
+    # 30 layers, 128 routed experts top-8 plus a dense MLP, vocabulary 262,144). transformers'
+    # DiffusionGemmaTextConfig defaults leave the MoE fields unset, so they come from the released config.json.
+    # For `stage=plan` (built on the meta device); instantiating it needs ~100 GB.
+    "diffusiongemma_26b_a4b": TextShape(hidden_size=2816, intermediate_size=2112, num_hidden_layers=30,
+                                        num_attention_heads=16, num_key_value_heads=8, head_dim=256, num_experts=128,
+                                        top_k_experts=8, moe_intermediate_size=704, sliding_window=1024,
+                                        max_position_embeddings=262_144,
+                                        extra={"num_global_key_value_heads": 2, "global_head_dim": 512},
+                                        vision="released"),
 }
 
 TINY_VISION = dict(
@@ -84,6 +96,8 @@ def build_config(
     if name not in NAMED_SHAPES:
         raise InputError(f"model.init={name}: unknown model config; choose one of {sorted(NAMED_SHAPES)}")
     s = NAMED_SHAPES[name]
+    global_kv_heads = s.extra.get("num_global_key_value_heads", s.num_key_value_heads)
+    global_head_dim = s.extra.get("global_head_dim", s.head_dim)
     text = dict(
         vocab_size=vocab_size,
         hidden_size=s.hidden_size,
@@ -91,9 +105,9 @@ def build_config(
         num_hidden_layers=s.num_hidden_layers,
         num_attention_heads=s.num_attention_heads,
         num_key_value_heads=s.num_key_value_heads,
-        num_global_key_value_heads=s.num_key_value_heads,
+        num_global_key_value_heads=global_kv_heads,
         head_dim=s.head_dim,
-        global_head_dim=s.head_dim,
+        global_head_dim=global_head_dim,
         num_experts=s.num_experts,
         top_k_experts=s.top_k_experts,
         moe_intermediate_size=s.moe_intermediate_size,
@@ -102,13 +116,13 @@ def build_config(
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
         bos_token_id=bos_token_id,
-        **s.extra,
+        **{k: v for k, v in s.extra.items() if k not in ("num_global_key_value_heads", "global_head_dim")},
     )
     if s.layer_types is not None:
         text["layer_types"] = list(s.layer_types)
     cfg = DiffusionGemmaConfig(
         text_config=text,
-        vision_config=dict(TINY_VISION),
+        vision_config=Gemma4VisionConfig().to_dict() if s.vision == "released" else dict(TINY_VISION),
         canvas_length=canvas_length,
         # Small vocabularies: keep the (unused) image special ids inside the vocabulary range.
         boi_token_id=pad_token_id,

@@ -4,8 +4,9 @@ A DiffusionGemma is one Gemma 4 MoE text backbone used twice: as a causal *encod
 AR decoding) and as a bidirectional *decoder* over the canvas; the two share every text weight. Converting therefore
 means: check that the Gemma 4 variant has the math the DiffusionGemma backbone runs (refuse it otherwise, naming the
 feature), copy the text weights once into the shared backbone, carry the vision tower over, and add what Gemma 4 lacks
-(the self-conditioning block, the canvas length). Parity: the converted encoder, read as a causal LM, reproduces the
-Gemma 4 logits (`conversion_parity`).
+(the self-conditioning block, the canvas length) and keep the source's stop list (`source_eos_ids`). Parity: the
+converted encoder, read as a causal LM, reproduces the Gemma 4 layer by layer with the same expert choices
+(`conversion_parity`, dg_pipeline.model.parity: a whole-forward max |Δ logit| does not hold at the released depth).
 
 Known difference outside text parity: with use_bidirectional_attention="vision", Gemma 4 lets image tokens attend
 to each other bidirectionally when given mm_token_type_ids; the transformers 5.14 DiffusionGemma encoder builds that
@@ -30,6 +31,7 @@ from dg_pipeline.core.errors import InputError
 from dg_pipeline.model.configs import TINY_VISION
 from dg_pipeline.model.inspect import GEMMA4_TEXT, CheckpointInfo, from_pretrained_complete
 from dg_pipeline.model.logits import encoder_causal_lm_logits
+from dg_pipeline.model.parity import Parity, logits_parity
 from dg_pipeline.model.structure import untied_backbone_weights
 from dg_pipeline.model.vllm_contract import ARCHITECTURE, complete_engine_attributes
 
@@ -149,7 +151,17 @@ def check_convertible(config, source: str) -> None:
 _TEXT_KEYS = tuple(DiffusionGemmaTextConfig.__annotations__) + ("final_logit_softcapping",)
 
 
-def diffusion_config_from_gemma4(config, canvas_length: int) -> DiffusionGemmaConfig:
+def source_eos_ids(config, generation_config=None) -> int | list[int] | None:
+    """The ids a Gemma 4 checkpoint stops at: its generation_config.json's eos_token_id (what generate() and vLLM
+    stop at, e.g. [1, 106] = <eos>, <turn|>), else its config's (top level, then text config)."""
+    for source in (generation_config, config, config.get_text_config()):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if eos is not None:
+            return eos
+    return None
+
+
+def diffusion_config_from_gemma4(config, canvas_length: int, eos_token_id=None) -> DiffusionGemmaConfig:
     """The DiffusionGemmaConfig with this Gemma 4's text (and vision) shapes and the requested canvas length.
 
     A text-only Gemma 4 gets the tiny vision tower of dg_pipeline.model.configs (the DiffusionGemma class cannot be
@@ -158,6 +170,7 @@ def diffusion_config_from_gemma4(config, canvas_length: int) -> DiffusionGemmaCo
     """
     text = config.get_text_config()
     text_dict = {k: v for k, v in text.to_dict().items() if k in _TEXT_KEYS}
+    text_dict["eos_token_id"] = eos_token_id if eos_token_id is not None else source_eos_ids(config)
     vision = getattr(config, "vision_config", None)
     if vision is not None:
         vision_dict = vision.to_dict()
@@ -220,12 +233,14 @@ def convert_gemma4(source, canvas_length: int, seed: int = 0) -> DiffusionGemmaF
     layer_scalar buffers (copied, not tied) are mirrored into the decoder. New weights (self-conditioning, a vision
     placeholder for text-only sources) are initialised from `seed`.
     """
-    config = diffusion_config_from_gemma4(source.config, canvas_length)
+    eos = source_eos_ids(source.config, getattr(source, "generation_config", None))
+    config = diffusion_config_from_gemma4(source.config, canvas_length, eos_token_id=eos)
     dtype = next(source.parameters()).dtype
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DiffusionGemmaForBlockDiffusion._from_config(config, dtype=dtype)
     model.to(next(source.parameters()).device)
+    model.generation_config.eos_token_id = eos  # the source's stop list, not the tokenizer's single eos_token
 
     text, vision_tower, embed_vision = _gemma4_parts(source)
     encoder = model.model.encoder
@@ -245,7 +260,7 @@ def convert_gemma4(source, canvas_length: int, seed: int = 0) -> DiffusionGemmaF
 
 # --- parity --------------------------------------------------------------------------------------------------------
 
-# Largest max |Δ logit| accepted per dtype. Both models run the same kernels on the same weights, so fp32 agrees to
+# Largest max |Δ logit| accepted per dtype (of the teacher-forced, routing-pinned logits, dg_pipeline.model.parity). Both models run the same kernels on the same weights, so fp32 agrees to
 # rounding; in 16-bit, Gemma 4 soft-caps its logits in the working dtype while DiffusionGemma soft-caps in float32,
 # so they may differ by one ulp of the dtype at the cap's magnitude (|logit| <= 30: bf16 0.125, fp16 0.0156).
 PARITY_THRESHOLDS = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 0.125}
@@ -274,14 +289,18 @@ def vision_probe(vision_config, side_in_kernels: int = 2, seed: int = 0) -> tupl
 
 
 @torch.no_grad()
-def conversion_parity(model, source, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> float:
-    """max |Δ logit| between the converted encoder read as a causal LM and the Gemma 4 model, on `input_ids`."""
+def conversion_parity(model, source, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Parity:
+    """The converted encoder read as a causal LM vs the Gemma 4 model on `input_ids`: per layer with the Gemma 4's
+    expert choices, and whole-forward (dg_pipeline.model.parity)."""
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device) if attention_mask is not None else None
-    expected = source(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
-    got = encoder_causal_lm_logits(model, input_ids, attention_mask)
-    return (expected - got).abs().max().item()
+    return logits_parity(
+        source, _gemma4_parts(source)[0].layers,
+        lambda: source(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits,
+        model, model.model.encoder.language_model.layers,
+        lambda: encoder_causal_lm_logits(model, input_ids, attention_mask),
+    )
 
 
 @torch.no_grad()
@@ -318,7 +337,8 @@ class ConversionReport:
     source_params: int
     has_vision: bool
     # Filled when parity was checked (conversion_parity / vision_parity / self_conditioning_effect).
-    parity_max_abs_logit_diff: float | None = None
+    parity_max_abs_logit_diff: float | None = None  # whole forward, free routing (informative at depth)
+    parity: dict | None = None  # Parity.as_record(): the teacher-forced figures the base gate checks
     vision_max_abs_diff: float | None = None
     self_conditioning_max_abs_diff: float | None = None
     probe: dict = field(default_factory=dict)
@@ -346,7 +366,9 @@ def convert_checkpoint(
     if check_parity:
         probe_ids = parity_probe(source.config, length=probe_tokens, seed=seed)
         report.probe = {"batch": probe_ids.shape[0], "tokens": probe_ids.shape[1], "seed": seed}
-        report.parity_max_abs_logit_diff = conversion_parity(model, source, probe_ids)
+        parity = conversion_parity(model, source, probe_ids)
+        report.parity = parity.as_record()
+        report.parity_max_abs_logit_diff = parity.free_max_abs_logit_diff
         if has_vision:
             report.vision_max_abs_diff = vision_parity(model, source, *vision_probe(source.config.vision_config))
         report.self_conditioning_max_abs_diff = self_conditioning_effect(model, probe_ids[:, :16], seed=seed)
@@ -364,6 +386,7 @@ __all__ = [
     "unsupported_features",
     "check_convertible",
     "diffusion_config_from_gemma4",
+    "source_eos_ids",
     "load_gemma4",
     "convert_gemma4",
     "make_self_conditioning_noop",

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion
+from transformers import (
+    AutoTokenizer,
+    DiffusionGemmaConfig,
+    DiffusionGemmaForBlockDiffusion,
+    DiffusionGemmaGenerationConfig,
+)
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import atomic_dir
@@ -22,6 +27,7 @@ from dg_pipeline.model.convert import ConversionReport, convert_checkpoint
 from dg_pipeline.model.inspect import CheckpointInfo, from_pretrained_complete, inspect_checkpoint
 from dg_pipeline.model.structure import untied_backbone_weights
 from dg_pipeline.model.vllm_contract import ARCHITECTURE, complete_engine_attributes
+from dg_pipeline.settings.sampler import eos_token_ids
 from dg_pipeline.settings.sampler import generation_config as sampler_generation_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -124,8 +130,14 @@ def load_base(
             info, canvas_length or 256, torch_dtype, device, check_parity=check_parity, seed=seed, key=key
         )
         kind = KIND_GEMMA4_CONVERTED
-    model.generation_config = sampler_generation_config(tokenizer, base=model.generation_config)
+    model.generation_config = sampler_generation_config(tokenizer, base=model.generation_config, model_config=model.config)
     return LoadedModel(model.eval(), tokenizer, kind, info, conversion)
+
+
+def stop_token_ids(model) -> tuple[int, ...]:
+    """Every id `model` stops generating at (its generation config's eos list, else its config's): where the sampler
+    stops, where a chat turn's supervision ends and where the scorers read a response to."""
+    return eos_token_ids(getattr(model, "generation_config", None), model.config)
 
 
 def load_model(
@@ -136,12 +148,38 @@ def load_model(
     return loaded.model, loaded.tokenizer
 
 
+def load_model_skeleton(path: str | Path, key: str = "input"):
+    """(DiffusionGemmaForBlockDiffusion on the meta device, tokenizer) from a DiffusionGemma model dir: the dir is
+    checked as `load_model` checks it, but no weight is read (a sharded run loads each rank's shards later,
+    dg_pipeline.model.sharded_io)."""
+    from dg_pipeline.model.sharded_io import meta_model
+
+    info = inspect_checkpoint(path, key=key)
+    verify_release_manifest(Path(info.path))
+    if not info.is_diffusion_gemma:
+        raise InputError(f"{key}={info.path}: sharded training starts from a DiffusionGemma dir, this is a Gemma 4 "
+                         f"checkpoint; convert it first (stage=base model.base={info.path})")
+    tokenizer = load_tokenizer(info, key=key)
+    model = meta_model(DiffusionGemmaConfig.from_pretrained(info.path))
+    generation_file = Path(info.path) / "generation_config.json"
+    if generation_file.is_file():
+        model.generation_config = DiffusionGemmaGenerationConfig.from_pretrained(info.path)
+    model.generation_config = sampler_generation_config(tokenizer, base=model.generation_config,
+                                                        model_config=model.config)
+    return model, tokenizer
+
+
 def save_model(model, tokenizer, out_dir: str | Path, generation_config=None) -> Path:
     """Write weights (safetensors), config, tokenizer and generation_config.json into `out_dir`, atomically.
 
     generation_config: None = the model's own, with unset sampler keys filled from the DiffusionGemma defaults.
+    config.json's text_config.eos_token_id is written as the generation config's stop ids (e.g. [1, 106]), so both
+    files name every id generation stops at.
     """
-    model.generation_config = sampler_generation_config(tokenizer, base=generation_config or model.generation_config)
+    model.generation_config = sampler_generation_config(
+        tokenizer, base=generation_config or model.generation_config, model_config=model.config
+    )
+    model.config.get_text_config().eos_token_id = model.generation_config.eos_token_id
     model.config.architectures = [ARCHITECTURE]
     complete_engine_attributes(model.config)  # what serving engines read and transformers does not write
     out_dir = Path(out_dir)

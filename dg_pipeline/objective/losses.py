@@ -1,5 +1,5 @@
 """The training objectives: DiffusionGemma's uniform-state block diffusion, the MDLM/LLaDA masked alternative, and
-the encoder-only causal-LM objective of the `pretrain` stage. Each is `loss(model, batch, generator) -> LossOutput`.
+the encoder-only causal-LM objective of the `pretrain` stage. Each is `loss(model, batch, noise) -> LossOutput`, its randomness keyed per example (`NoiseKey`, corruption.py).
 
 One step, as inference sees it (docs/ARCHITECTURE.md, objective):
   1. the encoder runs once, causally, over the clean sequence (prompt + all response blocks) into a cache that
@@ -8,6 +8,8 @@ One step, as inference sees it (docs/ARCHITECTURE.md, objective):
      masks of `masks.py` (clean context strictly before the block; sliding layers only the last W-1 of it);
   3. self-conditioning: pass 1 without gradients and without a signal; for a random half of the examples its
      logits feed pass 2 (`self_conditioning_mask`), the others see a zero signal as at the first inference step.
+     Pass 1 runs whenever self-conditioning is on, whatever the coins: every rank of a sharded run then makes the
+     same forward calls (the same collectives), and a row with its coin off gets exactly the signal-free forward.
 
 The encoder AR loss is next-token cross-entropy over `objective.ar_loss_scope`: `response` = the response tokens
 through EOS (each predicted from the clean prefix before it; prompt tokens and the fill after EOS are not targets),
@@ -28,10 +30,14 @@ from dg_pipeline.core.errors import InputError
 from dg_pipeline.model.logits import softcap_logits
 from dg_pipeline.settings.training import AR_LOSS_SCOPES, ObjectiveSettings
 from dg_pipeline.objective.corruption import (
+    ExampleDraws,
+    NoiseKey,
     choose_blocks,
+    corrupted_positions,
+    corruption_levels,
+    draw_example_noise,
     mask_corrupt,
-    sample_corruption_levels,
-    sample_self_conditioning,
+    self_conditioning_rows,
     uniform_corrupt,
 )
 from dg_pipeline.objective.masks import block_starts, canvas_position_ids, decoder_attention_masks, gather_blocks
@@ -82,6 +88,7 @@ class NoisedBlock:
     corrupted: torch.Tensor  # (B, C) bool
     supervised: torch.Tensor  # (B, C) bool
     t: torch.Tensor  # (B,)
+    self_conditioned: torch.Tensor | None = None  # (B,) bool: pass-1 logits feed pass 2 for these rows
 
 
 # ---------------------------------------------------------------------------------------------------- model pieces
@@ -134,10 +141,9 @@ def self_conditioned_denoise(
 ) -> torch.Tensor:
     """Pass 1 (no gradients, no signal) then pass 2 fed pass 1's logits where `use_self_conditioning` is True.
 
-    When no row uses it, pass 2 alone is exactly the signal-free forward, so pass 1 is skipped.
+    Pass 1 runs even when no row uses it (pass 2 is then exactly the signal-free forward): the forward calls, and
+    so the collectives of a sharded run, must not depend on a rank's coins.
     """
-    if not bool(use_self_conditioning.any()):
-        return denoise_block(model, cache, canvas, starts)
     with torch.no_grad():
         first_logits = denoise_block(model, cache, canvas, starts)
     return denoise_block(model, cache, canvas, starts, first_logits, use_self_conditioning)
@@ -216,7 +222,7 @@ class EncoderARObjective:
     def __init__(self, ar_loss_scope: str = "response"):
         self.ar_loss_scope = _checked_scope(ar_loss_scope)
 
-    def loss(self, model, batch: dict, generator: torch.Generator) -> LossOutput:
+    def loss(self, model, batch: dict, noise: NoiseKey | None = None) -> LossOutput:
         encoded = encode_clean_sequence(model, batch["input_ids"], batch["attention_mask"])
         ar_loss, ar_tokens = encoder_ar_loss(model, encoded.hidden, batch, self.ar_loss_scope)
         zero = ar_loss.new_zeros(())
@@ -248,39 +254,41 @@ class BlockDiffusionObjective:
         self.ar_loss_scope = _checked_scope(ar_loss_scope)
 
     # -- what a subclass defines
-    def corrupt(self, model, clean: torch.Tensor, t: torch.Tensor, generator: torch.Generator):
+    def corrupt(self, clean: torch.Tensor, corrupted: torch.Tensor, draws: ExampleDraws) -> torch.Tensor:
         raise NotImplementedError
 
     def block_loss(self, logits: torch.Tensor, block: NoisedBlock) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
 
     # -- the shared step
-    def noised_block(
-        self, model, batch: dict, generator: torch.Generator, t: float | None = None
-    ) -> NoisedBlock:
-        """Pick one block per example and noise it, at level `t` for every row or t ~ U(t_eps, 1) per row."""
+    def noised_block(self, model, batch: dict, noise: NoiseKey, t: float | None = None) -> NoisedBlock:
+        """Pick one block per example and noise it, at level `t` for every row or t ~ U(t_eps, 1) per row; every
+        choice from the example's own draws (`noise`)."""
         canvas_length = model.config.canvas_length
         input_ids = batch["input_ids"]
-        starts = block_starts(batch["prompt_lengths"], choose_blocks(batch["num_blocks"], generator), canvas_length)
+        draws = draw_example_noise(noise, batch, canvas_length, model.config.text_config.vocab_size,
+                                   input_ids.device)
+        starts = block_starts(batch["prompt_lengths"], choose_blocks(batch["num_blocks"], draws.block), canvas_length)
         clean = gather_blocks(input_ids, starts, canvas_length)
         if t is None:
-            levels = sample_corruption_levels(input_ids.shape[0], self.t_eps, generator, input_ids.device)
+            levels = corruption_levels(draws.level, self.t_eps)
         else:
             levels = torch.full((input_ids.shape[0],), float(t), device=input_ids.device)
-        noised, corrupted = self.corrupt(model, clean, levels, generator)
+        corrupted = corrupted_positions(draws.positions, levels)
         supervised = supervised_block_positions(
             starts, batch["prompt_lengths"], batch["response_lengths"], canvas_length, self.supervise_padding
         )
-        return NoisedBlock(starts, clean, noised, corrupted, supervised, levels)
+        return NoisedBlock(starts, clean, self.corrupt(clean, corrupted, draws), corrupted, supervised, levels,
+                           self_conditioning_rows(draws.self_conditioning, self.self_conditioning_prob))
 
-    def loss(self, model, batch: dict, generator: torch.Generator) -> LossOutput:
+    def loss(self, model, batch: dict, noise: NoiseKey) -> LossOutput:
         encoded = encode_clean_sequence(model, batch["input_ids"], batch["attention_mask"])
         ar_loss, ar_tokens = encoder_ar_loss(model, encoded.hidden, batch, self.ar_loss_scope)
-        block = self.noised_block(model, batch, generator)
-        use_sc = sample_self_conditioning(
-            block.starts.shape[0], self.self_conditioning_prob, generator, block.starts.device
-        )
-        logits = self_conditioned_denoise(model, encoded.cache, block.noised, block.starts, use_sc)
+        block = self.noised_block(model, batch, noise)
+        if self.self_conditioning_prob > 0:
+            logits = self_conditioned_denoise(model, encoded.cache, block.noised, block.starts, block.self_conditioned)
+        else:
+            logits = denoise_block(model, encoded.cache, block.noised, block.starts)
         diffusion_loss, diffusion_tokens = self.block_loss(logits, block)
         return LossOutput(
             loss=diffusion_loss + self.ar_loss_weight * ar_loss,
@@ -294,11 +302,11 @@ class BlockDiffusionObjective:
         )
 
     @torch.no_grad()
-    def denoising_accuracy(self, model, batch: dict, t: float, generator: torch.Generator) -> "DenoisingAccuracy":
+    def denoising_accuracy(self, model, batch: dict, t: float, noise: NoiseKey) -> "DenoisingAccuracy":
         """Single denoising step from level `t` (no self-conditioning, as inference's first step): argmax hits
         over the supervised tokens of one random block per example, and over its answer tokens alone."""
         encoded = encode_clean_sequence(model, batch["input_ids"], batch["attention_mask"])
-        block = self.noised_block(model, batch, generator, t=t)
+        block = self.noised_block(model, batch, noise, t=t)
         logits = denoise_block(model, encoded.cache, block.noised, block.starts)
         hits = logits.argmax(-1) == block.clean
         answer = supervised_block_positions(
@@ -318,8 +326,8 @@ class UniformObjective(BlockDiffusionObjective):
 
     name = "uniform"
 
-    def corrupt(self, model, clean, t, generator):
-        return uniform_corrupt(clean, t, model.config.text_config.vocab_size, generator)
+    def corrupt(self, clean, corrupted, draws):
+        return uniform_corrupt(clean, corrupted, draws.tokens)
 
     def block_loss(self, logits, block):
         supervised = block.supervised
@@ -336,8 +344,8 @@ class MaskedObjective(BlockDiffusionObjective):
         super().__init__(**kwargs)
         self.mask_token_id = mask_token_id
 
-    def corrupt(self, model, clean, t, generator):
-        return mask_corrupt(clean, t, self.mask_token_id, generator)
+    def corrupt(self, clean, corrupted, draws):
+        return mask_corrupt(clean, corrupted, self.mask_token_id)
 
     def block_loss(self, logits, block):
         token_ce = F.cross_entropy(logits.transpose(1, 2), block.clean, reduction="none")  # (B, C)

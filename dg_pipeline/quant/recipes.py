@@ -144,6 +144,11 @@ def build_recipe(
     if kv_cache not in KV_CACHE_MODES:
         raise InputError(f"quant.kv_cache={kv_cache}: choose one of {', '.join(KV_CACHE_MODES)}")
     config = base_config(name)
+    # Calibration always runs in one process (rank 0 of a multi-process job, the other ranks waiting): ModelOpt
+    # would otherwise all-reduce every amax over the default process group, which the waiting ranks never join.
+    algorithm = config.get("algorithm") or "max"
+    config["algorithm"] = {**({"method": algorithm} if isinstance(algorithm, str) else algorithm),
+                           "distributed_sync": False}
     quant_cfg = config["quant_cfg"]
     # Later entries win (ModelOpt applies the list in order): the KV choice, then the base config's exclusions again
     # (so a KV pattern cannot re-enable an excluded vision tower), then ours.

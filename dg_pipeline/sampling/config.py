@@ -20,6 +20,7 @@ from dg_pipeline.settings.sampler import (
     SAMPLER_KEYS,
     SamplerSettings,
     check_sampler_values,
+    eos_token_ids,
     compile_mode,
     read_sampler_settings,
     reference_defaults,
@@ -81,9 +82,9 @@ class SamplerConfig:
         tokenizer's <mask> id."""
         gen_cfg = getattr(model, "generation_config", None)
         text_cfg = model.config.get_text_config()
-        own = read_sampler_settings(gen_cfg, ("eos_token_id", "pad_token_id"))
+        own = read_sampler_settings(gen_cfg, ("pad_token_id",))
         values = {
-            "eos_token_ids": own["eos_token_id"] if own["eos_token_id"] is not None else text_cfg.eos_token_id,
+            "eos_token_ids": eos_token_ids(gen_cfg, model.config) or None,
             "pad_token_id": own["pad_token_id"] if own["pad_token_id"] is not None else text_cfg.pad_token_id,
             **(settings.sampler_overrides() if settings is not None else {}),
             **{k: v for k, v in changes.items() if v is not None},

@@ -23,9 +23,10 @@ from dg_pipeline.settings.checks import check_choice
 from dg_pipeline.settings.data import DATA_KINDS, DataSettings
 from dg_pipeline.settings.export import EXPORT_FORMATS, ExportSettings
 from dg_pipeline.settings.model import DTYPES, ModelSettings
+from dg_pipeline.settings.plan import PlanSettings
 from dg_pipeline.settings.quant import CALIB_MODES, KV_CACHE_MODES, QUANT_FORMATS, CalibSettings, QuantSettings
 from dg_pipeline.settings.sampler import SAMPLER_KEYS, SamplerSettings
-from dg_pipeline.settings.training import LoggerSettings, ObjectiveSettings, TrainerSettings
+from dg_pipeline.settings.training import LoggerSettings, ObjectiveSettings, ParallelSettings, TrainerSettings
 from dg_pipeline.settings.verify import VerifySettings
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -48,6 +49,7 @@ class RunSettings:
     quant: QuantSettings = field(default_factory=QuantSettings)
     calib: CalibSettings = field(default_factory=CalibSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
+    plan: PlanSettings = field(default_factory=PlanSettings)
     stage: str = "all"
     run_dir: str = "runs/default"
     input: Optional[str] = None
@@ -121,6 +123,8 @@ __all__ = [
     "LoggerSettings",
     "ModelSettings",
     "ObjectiveSettings",
+    "ParallelSettings",
+    "PlanSettings",
     "QuantSettings",
     "RunSettings",
     "SamplerSettings",

@@ -22,6 +22,7 @@ class QuantSettings:
     name: str = "fp8"
     kv_cache: str = "none"
     max_accuracy_drop: Optional[float] = None  # the quantize gate's allowance when verify.max_accuracy_drop is null
+    max_logits_error: Optional[float] = None  # bound on quant.json logits_relative_error (null = not checked)
     formats: List[str] = field(default_factory=lambda: ["fp8", "nvfp4"])  # what stage=all quantizes
     self_conditioning: bool = False
     exclude: List[str] = field(default_factory=list)
@@ -34,6 +35,7 @@ class QuantSettings:
         check_choice("quant.name", self.name, QUANT_FORMATS, " (conf/quant/<name>.yaml)")
         check_choice("quant.kv_cache", self.kv_cache, KV_CACHE_MODES)
         check_number("quant.max_accuracy_drop", self.max_accuracy_drop, low=0.0, optional=True)
+        check_number("quant.max_logits_error", self.max_logits_error, low=0.0, low_inclusive=False, optional=True)
         for fmt in self.formats:
             if fmt not in QUANT_FORMATS:
                 raise InputError(f"quant.formats contains '{fmt}': no conf/quant/{fmt}.yaml; choose from "

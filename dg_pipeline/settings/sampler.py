@@ -139,25 +139,46 @@ def _generation_kwargs(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def generation_config(tokenizer, base: Any = None, **overrides: Any):
-    """A DiffusionGemmaGenerationConfig: `base` (a checkpoint's config; None = empty), the non-None `overrides` on
-    top (flat keys, e.g. entropy_bound), every sampler key still unset from transformers' defaults, and the
-    tokenizer's eos/pad/bos ids where the config has none."""
+def generation_config(tokenizer, base: Any = None, model_config: Any = None, **overrides: Any):
+    """A DiffusionGemmaGenerationConfig: `base` (a checkpoint's config, of any GenerationConfig class; None = empty),
+    the non-None `overrides` on top (flat keys, e.g. entropy_bound), every sampler key still unset from transformers'
+    defaults, and the eos/pad/bos ids where the config has none: the model config's (`model_config`, e.g. a
+    converted Gemma 4's eos list [1, 106]), else the tokenizer's. The tokenizer's single eos_token never replaces a
+    list the checkpoint states."""
     from transformers import DiffusionGemmaGenerationConfig
 
     unknown = sorted(set(overrides) - set(SAMPLER_KEYS + TOKEN_ID_KEYS))
     if unknown:
         raise InputError(f"generation config: unknown sampler key(s) {unknown}; known: {list(SAMPLER_KEYS)}")
-    fresh = not isinstance(base, DiffusionGemmaGenerationConfig)
-    config = DiffusionGemmaGenerationConfig() if fresh else copy.deepcopy(base)
-    token_ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
-                 "bos_token_id": tokenizer.bos_token_id}
+    if isinstance(base, DiffusionGemmaGenerationConfig):
+        config = copy.deepcopy(base)
+    else:  # a plain GenerationConfig (e.g. built from a model config): keep what it states
+        config = DiffusionGemmaGenerationConfig()
+        stated = {k: v for k, v in read_sampler_settings(base).items() if v is not None}
+        overrides = {**stated, **{k: v for k, v in overrides.items() if v is not None}}
+    text = model_config.get_text_config() if model_config is not None else None
+    token_ids = {key: getattr(text, key, None) for key in TOKEN_ID_KEYS} if text is not None else {}
+    tokenizer_ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id,
+                     "bos_token_id": tokenizer.bos_token_id}
+    token_ids = {k: token_ids.get(k) if token_ids.get(k) is not None else tokenizer_ids[k] for k in TOKEN_ID_KEYS}
     try:
         config.update(**_generation_kwargs(overrides))
         config.update(**_generation_kwargs(reference_defaults()), **token_ids, defaults_only=True)
     except (TypeError, ValueError) as e:
         raise InputError(f"generation config: {e} (check the sampler.* keys / overrides)") from None
     return config
+
+
+def eos_token_ids(generation_config: Any, model_config: Any = None) -> tuple[int, ...]:
+    """Every id generation stops at: the generation config's eos_token_id (an id or a list), else the model
+    config's; () when neither states one. The sampler, the data (where a supervised turn ends) and the scorers
+    read it here."""
+    eos = read_sampler_settings(generation_config, ("eos_token_id",))["eos_token_id"]
+    if eos is None and model_config is not None:
+        eos = getattr(model_config.get_text_config(), "eos_token_id", None)
+    if eos is None:
+        return ()
+    return (int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos)
 
 
 __all__ = [
@@ -171,6 +192,7 @@ __all__ = [
     "SamplerSettings",
     "check_sampler_values",
     "compile_mode",
+    "eos_token_ids",
     "generation_config",
     "read_sampler_settings",
     "reference_defaults",

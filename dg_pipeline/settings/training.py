@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, List, Optional
 
 from dg_pipeline.core.errors import InputError
@@ -12,6 +12,9 @@ OBJECTIVES = ("uniform", "masked")
 AR_LOSS_SCOPES = ("response", "sequence")  # objective.ar_loss_scope
 FILL_TOKENS = ("pad", "eos")  # objective.fill_token
 STRATEGIES = ("auto", "ddp", "fsdp")
+# Lightning precision -> the dtype FSDP2 gathers parameters and computes in (None: the parameters' own, fp32).
+COMPUTE_DTYPES = {"32-true": None, "32": None, "bf16-mixed": "bfloat16", "bf16-true": "bfloat16",
+                  "16-mixed": "float16", "16-true": "float16"}
 PROGRESS_BARS = ("tqdm", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -61,6 +64,42 @@ class EmaSettings:
         check_number("trainer.ema.decay", self.decay, low=0.0, high=1.0, low_inclusive=False, high_inclusive=False)
 
 
+@dataclass(frozen=True)
+class ParallelSettings:
+    """The scale-out keys of the trainer group (conf/trainer/cpu.yaml documents them), as sharding and the memory
+    planner read them (`TrainerSettings.parallel`)."""
+
+    strategy: str = "auto"
+    devices: Any = 1  # a count, "auto", or a list of device indices (Lightning's `devices`)
+    num_nodes: int = 1
+    precision: str = "32-true"
+    activation_checkpointing: bool = False
+    expert_parallel: int = 1
+
+    def __post_init__(self) -> None:
+        check_choice("trainer.strategy", self.strategy, STRATEGIES)
+        check_choice("trainer.precision", self.precision, COMPUTE_DTYPES)
+        check_positive_int("trainer.expert_parallel", self.expert_parallel,
+                           "1 (off) or the number of ranks that split the experts")
+        if self.expert_parallel > 1 and self.strategy != "fsdp":
+            raise InputError(f"trainer.expert_parallel={self.expert_parallel} needs trainer.strategy=fsdp "
+                             f"(here {self.strategy})")
+
+    @property
+    def compute_dtype(self):
+        """The torch dtype of trainer.precision's compute (None in full precision)."""
+        import torch
+
+        name = COMPUTE_DTYPES[self.precision]
+        return None if name is None else getattr(torch, name)
+
+    def world_size(self, devices_per_node: int | None = None) -> int:
+        """Ranks of the run: devices per node x nodes (`devices_per_node` when the caller resolved "auto")."""
+        devices = devices_per_node if devices_per_node is not None else self.devices
+        count = len(devices) if isinstance(devices, (list, tuple)) else int(devices) if devices != "auto" else 1
+        return count * self.num_nodes
+
+
 @dataclass
 class TrainerSettings:
     """conf/trainer/*.yaml (cpu.yaml documents every key)."""
@@ -80,6 +119,8 @@ class TrainerSettings:
     devices: Any = 1  # a count, "auto", or a list of device indices (Lightning's `devices`)
     num_nodes: int = 1
     strategy: str = "auto"
+    activation_checkpointing: bool = False  # fsdp: recompute each text layer in backward
+    expert_parallel: int = 1  # fsdp: 1, or the number of ranks that each own a share of the routed experts
     val_check_interval: int = 500
     log_every_n_steps: int = 10
     num_workers: int = 0
@@ -99,8 +140,21 @@ class TrainerSettings:
         check_number("trainer.min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
         if len(self.betas) != 2:
             raise InputError(f"trainer.betas={list(self.betas)}: expected two numbers, e.g. [0.95, 0.99]")
-        check_choice("trainer.strategy", self.strategy, STRATEGIES)
         check_choice("trainer.progress_bar", self.progress_bar, PROGRESS_BARS)
+        if self.parallel.strategy == "fsdp":  # (building `parallel` checks the scale-out keys together)
+            # Options that do not combine with FSDP here, refused before any work.
+            if self.lora.enabled:
+                raise InputError("trainer.lora.enabled=true with trainer.strategy=fsdp: LoRA adapters are not "
+                                 "sharded; train LoRA with trainer.strategy=ddp (the base weights are frozen) or full "
+                                 "weights with fsdp")
+            if self.ema.enable:
+                raise InputError("trainer.ema.enable=true with trainer.strategy=fsdp: NeMo's EMA keeps an unsharded "
+                                 "copy of the weights; use trainer.strategy=ddp for EMA, or turn it off")
+
+    @property
+    def parallel(self) -> ParallelSettings:
+        """The scale-out keys, checked together."""
+        return ParallelSettings(**{f.name: getattr(self, f.name) for f in fields(ParallelSettings)})
 
 
 @dataclass

@@ -27,6 +27,7 @@ class VerifySettings:
     choose_steps: bool = True  # stage=sft: max_denoising_steps in generation_config.json from the val curve
     choose_steps_max_loss: float = 0.005
     plots: bool = True
+    allow_flat_metric: bool = False  # pass a gate whose drop check cannot fail (reference accuracy 0); recorded
 
     def __post_init__(self) -> None:
         if self.n_eval is not None:

@@ -1,30 +1,33 @@
 """One small module per row of the stage registry (dg_pipeline.core.registry), each only wiring components, and
-`all`, which plans and runs them. `run_stage` dispatches on cfg.stage."""
+`all`, which plans and runs them. `run_stage` dispatches on cfg.stage.
+
+In a multi-process run every rank enters here: a stage whose row says `every_rank` (training) runs on every rank;
+any other runs on rank 0 while the others wait for it (dg_pipeline.core.ranks), and rank 0 logs it to W&B."""
 
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 from omegaconf import DictConfig
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import remove_leftovers
-from dg_pipeline.core.lock import is_launcher_rank_zero, output_lock
+from dg_pipeline.core.lock import output_lock
+from dg_pipeline.core.ranks import is_rank_zero, on_rank_zero
 from dg_pipeline.core.registry import STAGES as REGISTRY
 from dg_pipeline.core.rundir import RunDir
 from dg_pipeline.settings import RunSettings
 from dg_pipeline.stages import all as all_stages
-from dg_pipeline.stages import base, check, export, pretrain, quantize, sft
+from dg_pipeline.stages import base, check, export, plan, pretrain, quantize, sft
 from dg_pipeline.stages import eval as eval_stage
 
 # stage name -> its run(cfg); a test holds these to the registry's rows.
-RUNNERS = {module.STAGE: module.run for module in (base, pretrain, sft, eval_stage, quantize, export, check)}
+RUNNERS = {module.STAGE: module.run for module in (base, pretrain, sft, eval_stage, quantize, export, check, plan)}
 STAGES = (*REGISTRY, all_stages.STAGE)
 
 
 def run_stage(cfg: DictConfig):
-    """Run cfg.stage (stage=all drives the others through `run_stage_tracked`)."""
+    """Run cfg.stage (stage=all drives the others through `run_stage_tracked`, on every rank)."""
     stage = str(cfg.stage)
     if stage not in STAGES:
         raise InputError(f"stage={stage}: unknown stage; choose one of {', '.join(STAGES)}")
@@ -35,24 +38,43 @@ def run_stage(cfg: DictConfig):
 
 
 def run_stage_tracked(cfg: DictConfig, variant: str | None = None):
-    """Run one stage holding the lock of its output (one writer per output; the temporary files a killed writer
-    left are removed first), then log its verify.json metrics and output artifact to W&B (lineage to its input)."""
+    """Run one stage (on every rank or on rank 0, as its registry row says) holding the lock of its output (one
+    writer per output; the temporary files a killed writer left are removed first), then log its verify.json
+    metrics and output artifact to W&B from rank 0 (lineage to its input)."""
+    stage = str(cfg.stage)
+    run = RUNNERS[stage]
+    with _writing(cfg, stage, variant):
+        if REGISTRY[stage].every_rank:
+            result = run(cfg)
+            on_rank_zero(lambda: _track(cfg, stage, variant), f"stage={stage}: tracking")
+            return result
+
+        def run_and_track():
+            result = run(cfg)
+            _track(cfg, stage, variant)
+            return result
+
+        return on_rank_zero(run_and_track, f"stage={stage}" + (f"[{variant}]" if variant else ""))
+
+
+def _track(cfg: DictConfig, stage: str, variant: str | None) -> None:
     from dg_pipeline.tracking import artifact_name, track_stage
 
-    stage = str(cfg.stage)
+    if not REGISTRY[stage].tracked:
+        return
     rd = RunDir.from_cfg(cfg)
     out_dir, variant, upstream = _output_and_upstream(cfg, rd, stage, variant)
-    with _writing(rd, out_dir):
-        result = RUNNERS[stage](cfg)
     if out_dir is not None and out_dir.exists():
         track_stage(cfg, stage, out_dir, variant=variant,
                     upstream=artifact_name(rd.root, *upstream) if upstream else None)
-    return result
 
 
 @contextlib.contextmanager
-def _writing(rd: RunDir, out_dir: Path | None):
-    if out_dir is None or not is_launcher_rank_zero():
+def _writing(cfg: DictConfig, stage: str, variant: str | None):
+    """Rank 0 holds the lock of the stage's output (the other ranks write nothing it guards)."""
+    rd = RunDir.from_cfg(cfg)
+    out_dir = _output_and_upstream(cfg, rd, stage, variant)[0] if is_rank_zero() else None
+    if out_dir is None:
         yield
         return
     with output_lock(rd.root, out_dir):

@@ -2,11 +2,14 @@
 quantize (gate) -> export (check + gate) (core.registry says which rows, in which order, with which extra keys).
 
 Each step is what its own command line would run: this run's overrides plus the step's (`stage=quantize
-quant=nvfp4 input=<sft/model>`, ...), composed by Hydra, so a `quant.kv_cache=fp8` on the command line reaches every format while each
-format keeps its own conf/quant/<fmt>.yaml. A step is skipped by the registry's one rule (core.registry.REUSE): its
-output exists, its gate record passed, and its fingerprint (the config groups it reads + its input's fingerprint,
-chained through the steps) is unchanged; otherwise it says why it runs. `force=true` reruns everything. Fingerprints live in
-<run_dir>/.dg_state/.
+quant=nvfp4 input=<sft/model>`, ...), composed by Hydra, so a `quant.kv_cache=fp8` on the command line reaches every
+format while each format keeps its own conf/quant/<fmt>.yaml. A step is skipped by the registry's one rule
+(core.registry.REUSE): its output exists, its gate record passed, and its fingerprint (the config groups it reads +
+its input's fingerprint, chained through the steps) is unchanged; otherwise it says why it runs. `force=true` reruns
+everything (training from scratch). A step whose output exists but is stale is rebuilt (force=true for that step);
+one whose output is missing (e.g. sft killed mid-training) runs without force, so its training resumes. Fingerprints
+live in <run_dir>/.dg_state/. Every rank walks the chain; each stage's registry row says where its work runs
+(stages/__init__.py), and the bookkeeping (state files, summary, table) is rank 0's.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dg_pipeline.core.fingerprint import stage_fingerprint
 from dg_pipeline.core.io import atomic_write_json, gate_records, read_json
+from dg_pipeline.core.ranks import is_rank_zero
 from dg_pipeline.core.registry import REUSE, STAGES, decide_reuse
 from dg_pipeline.core.rundir import RunDir
 from dg_pipeline.settings import RunSettings, compose
@@ -62,12 +66,14 @@ def plan(cfg: DictConfig, overrides: Sequence[str] | None = None) -> list[Planne
     quant.formats entry, each step starting from its upstream step's output."""
     settings = RunSettings.from_cfg(cfg)
     rd = RunDir.from_cfg(cfg)
-    common = [*run_overrides(overrides), f"run_dir={rd.root}", "force=true"]
+    common = [*run_overrides(overrides), f"run_dir={rd.root}"]
     rows = [s for s in STAGES.values() if s.in_all and (not s.optional or OmegaConf.select(cfg, s.enabled_by) > 0)]
     steps: list[PlannedStage] = []
 
     def add(spec, upstream: PlannedStage | None, variant: str | None = None, *extra: str) -> PlannedStage:
-        step_overrides = [*common, f"stage={spec.name}", *extra,
+        # Rebuild a stale output; a missing one (an interrupted stage) is built, resuming its training.
+        force = settings.force or rd.output(spec.name, variant).exists()
+        step_overrides = [*common, f"stage={spec.name}", f"force={str(force).lower()}", *extra,
                           *([f"input={upstream.output}"] if upstream else []),
                           *(o.format(variant=variant) for o in spec.all_overrides)]
         step_cfg = compose(step_overrides)
@@ -107,24 +113,28 @@ def run(cfg: DictConfig, run_step: Callable[[DictConfig, str | None], dict]) -> 
     """Plan, then run each step through `run_step(step_cfg, variant)` (the CLI's tracked runner)."""
     rd = RunDir.from_cfg(cfg)
     steps = plan(cfg)
-    print(f"stage=all into {rd.root}: " + " -> ".join(s.label for s in steps))
+    rank_zero = is_rank_zero()
+    say = print if rank_zero else (lambda *_args, **_kwargs: None)
+    say(f"stage=all into {rd.root}: " + " -> ".join(s.label for s in steps))
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
     for step in steps:
         decision = reuse(rd, step, force=bool(cfg.force))
         if decision.skip:
-            print(f"[all] {step.label}: up to date (fingerprint {step.fingerprint}), skipped")
+            say(f"[all] {step.label}: up to date (fingerprint {step.fingerprint}), skipped")
             timings[step.label] = 0.0
             continue
-        print(f"\n[all] ===== {step.label} ===== ({decision.reason})")
+        say(f"\n[all] ===== {step.label} ===== ({decision.reason})")
         t0 = time.perf_counter()
         run_step(step.cfg, step.variant)
         timings[step.label] = round(time.perf_counter() - t0, 1)
-        atomic_write_json(state_file(rd, step), {"fingerprint": step.fingerprint, "stage": step.label})
+        if rank_zero:
+            atomic_write_json(state_file(rd, step), {"fingerprint": step.fingerprint, "stage": step.label})
     summary = {"run_dir": str(rd.root), "seconds": round(time.perf_counter() - t_all, 1), "stages": timings}
-    atomic_write_json(rd.root / STAGE / "summary.json", summary)
-    _print_final_table(rd)
-    print(f"\n[all] done in {summary['seconds']} s; outputs under {rd.root}")
+    if rank_zero:
+        atomic_write_json(rd.root / STAGE / "summary.json", summary)
+        _print_final_table(rd)
+    say(f"\n[all] done in {summary['seconds']} s; outputs under {rd.root}")
     return summary
 
 

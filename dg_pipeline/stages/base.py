@@ -5,8 +5,8 @@ Source (model.base wins over model.init):
   model.init=<name>  a named shape from dg_pipeline.model.configs, randomly initialised from `seed`, with the board
                      tokenizer (Sudoku recipes).
 The saved dir is then reloaded the way every later stage and vLLM load it, and checked: encoder/decoder ties hold,
-the reloaded encoder reproduces the in-memory logits, generation_config.json loads as a
-DiffusionGemmaGenerationConfig. verify.json is written in every case; a failed check then raises GateFailed.
+the reloaded encoder reproduces the in-memory model layer by layer with the same expert choices (parity at any depth:
+dg_pipeline.model.parity), generation_config.json loads as a DiffusionGemmaGenerationConfig. verify.json is written in every case; a failed check then raises GateFailed.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from dg_pipeline.model.configs import build_model
 from dg_pipeline.model.convert import PARITY_THRESHOLDS, parity_probe
 from dg_pipeline.model.io import load_base, resolve_device, resolve_dtype, save_model
 from dg_pipeline.model.logits import encoder_causal_lm_logits
+from dg_pipeline.model.parity import LAYER_TOLERANCE, MAX_ROUTING_DISAGREEMENT, Parity, logits_parity
 from dg_pipeline.model.structure import parameter_counts, untied_backbone_weights
 from dg_pipeline.settings import RunSettings
 from dg_pipeline.verify.record import at_most, holds
@@ -64,7 +65,7 @@ def run(cfg: DictConfig) -> dict:
     with console.status(f"base: saving {model_dir}"):
         save_model(model, tokenizer, model_dir)
     with console.status("base: reloading the saved dir to check it"):
-        checks = reload_checks(model, tokenizer, model_dir, request["dtype"], device)
+        checks, reload_parity = reload_checks(model, tokenizer, model_dir, request["dtype"], device)
     if conversion is not None:
         checks = conversion_checks(conversion, resolve_dtype(request["dtype"])) + checks
 
@@ -83,8 +84,11 @@ def run(cfg: DictConfig) -> dict:
         "source_architecture": conversion.source_architecture if conversion else None,
         "source_params": conversion.source_params if conversion else None,
         "conversion_parity_max_abs_logit_diff": conversion.parity_max_abs_logit_diff if conversion else None,
+        "conversion_parity": conversion.parity if conversion else None,
         "conversion": vars(conversion) if conversion else None,
         "fingerprint": fingerprint,
+        "reload_parity": reload_parity,
+        "eos_token_id": model.generation_config.eos_token_id,
         "passed": all(c["passed"] for c in checks),
         "checks": checks,
         "seconds": round(time.perf_counter() - started, 3),
@@ -145,37 +149,51 @@ def build_base(data_kind: str, request: dict, device: str):
     return model, tokenizer, KIND_INIT, None, f"init:{request['init']}"
 
 
+def parity_checks(prefix: str, parity: Parity | dict, dtype: torch.dtype) -> list:
+    """The parity figures a depth-robust comparison is held to (dg_pipeline.model.parity): each layer's output with
+    the reference's input and expert choices, the logits from the last layer, and the routing decisions."""
+    p = parity if isinstance(parity, dict) else parity.as_record()
+    checks = [
+        at_most(f"{prefix}_layer_relative_error", p["layer_relative_error"], LAYER_TOLERANCE[dtype]),
+        at_most(f"{prefix}_pinned_max_abs_logit_diff", p["pinned_max_abs_logit_diff"], PARITY_THRESHOLDS[dtype]),
+    ]
+    if p["routing_disagreement"] is not None:
+        checks.append(at_most(f"{prefix}_routing_disagreement", p["routing_disagreement"],
+                              MAX_ROUTING_DISAGREEMENT[dtype]))
+    return checks
+
+
 def conversion_checks(conversion, dtype: torch.dtype) -> list[dict]:
     """Parity of the converted encoder (and vision tower) with Gemma 4; self-conditioning starts as a no-op."""
-    threshold = PARITY_THRESHOLDS[dtype]
-    checks = [
-        at_most("conversion_parity_max_abs_logit_diff", conversion.parity_max_abs_logit_diff, threshold),
-        at_most("self_conditioning_noop_max_abs_logit_diff", conversion.self_conditioning_max_abs_diff, 0.0),
-    ]
+    checks = parity_checks("conversion_parity", conversion.parity, dtype)
     if conversion.vision_max_abs_diff is not None:
-        checks.insert(1, at_most("vision_parity_max_abs_diff", conversion.vision_max_abs_diff, threshold))
+        checks.append(at_most("vision_parity_max_abs_diff", conversion.vision_max_abs_diff, PARITY_THRESHOLDS[dtype]))
+    checks.append(at_most("self_conditioning_noop_max_abs_logit_diff", conversion.self_conditioning_max_abs_diff, 0.0))
     return [c.as_record() for c in checks]
 
 
 @torch.no_grad()
-def reload_checks(model, tokenizer, model_dir, dtype_name: str, device: str) -> list[dict]:
-    """Reload `model_dir` the way later stages and vLLM do and compare it with the in-memory model and tokenizer."""
+def reload_checks(model, tokenizer, model_dir, dtype_name: str, device: str) -> tuple[list[dict], dict]:
+    """Reload `model_dir` the way later stages and vLLM do and compare it with the in-memory model and tokenizer:
+    (checks, the reload's parity figures)."""
     dtype = resolve_dtype(dtype_name)
     reloaded = DiffusionGemmaForBlockDiffusion.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     untied = untied_backbone_weights(reloaded)
     probe = parity_probe(model.config, length=PROBE_TOKENS).to(device)
-    reload_diff = (encoder_causal_lm_logits(model, probe) - encoder_causal_lm_logits(reloaded, probe)).abs().max()
-    reload_diff, threshold = reload_diff.item(), PARITY_THRESHOLDS[dtype]
+    parity = logits_parity(
+        model, model.model.encoder.language_model.layers, lambda: encoder_causal_lm_logits(model, probe),
+        reloaded, reloaded.model.encoder.language_model.layers, lambda: encoder_causal_lm_logits(reloaded, probe),
+    )
     saved_generation = DiffusionGemmaGenerationConfig.from_pretrained(model_dir)
     generation_ok = _as_json(saved_generation) == _as_json(model.generation_config)
     tokenizer_ok = AutoTokenizer.from_pretrained(model_dir).get_vocab() == tokenizer.get_vocab()
     checks = [
         at_most("untied_backbone_weights_after_reload", len(untied), 0),
-        at_most("reload_max_abs_logit_diff", reload_diff, threshold),
+        *parity_checks("reload", parity, dtype),
         holds("generation_config_round_trip", generation_ok),
         holds("tokenizer_round_trip", tokenizer_ok),
     ]
-    return [c.as_record() for c in checks]
+    return [c.as_record() for c in checks], parity.as_record()
 
 
 def _as_json(generation_config) -> str:

@@ -23,7 +23,7 @@ from rich.console import Console
 from dg_pipeline.core import RunDir
 from dg_pipeline.data import load_eval_examples
 from dg_pipeline.export import load_for_eval
-from dg_pipeline.model.io import resolve_device
+from dg_pipeline.model.io import resolve_device, stop_token_ids
 from dg_pipeline.settings import RunSettings
 from dg_pipeline.verify import GateSettings, gate_record_beside, read_gate_record, run_gate
 
@@ -39,7 +39,8 @@ def run(cfg: DictConfig) -> dict:
     device = resolve_device(settings.device)
     with console.status(f"eval: loading {input_dir}"):
         loaded = load_for_eval(input_dir, dtype=settings.model.dtype, device=device)
-    examples = load_eval_examples(settings.data, loaded.tokenizer, rd, settings.seed, limit=gate.n_eval)
+    examples = load_eval_examples(settings.data, loaded.tokenizer, rd, settings.seed, limit=gate.n_eval,
+                                  eos_token_ids=stop_token_ids(loaded.model))
     console.print(f"[bold]eval[/]: {len(examples)} examples, {loaded.kind} {input_dir} on {device}")
     # A quantize output or an export carries its own gate record; a model dir's is beside it (<stage>/verify.json).
     reference = read_gate_record(input_dir / "verify.json") or gate_record_beside(input_dir)

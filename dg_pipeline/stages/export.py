@@ -44,7 +44,7 @@ from dg_pipeline.export import (
     write_manifest,
 )
 from dg_pipeline.data import load_eval_examples
-from dg_pipeline.model.io import load_model, resolve_device, resolve_dtype
+from dg_pipeline.model.io import load_model, resolve_device, resolve_dtype, stop_token_ids
 from dg_pipeline.model.structure import parameter_counts
 from dg_pipeline.quant import QUANT_JSON, read_quant_record, restore_quantized
 from dg_pipeline.settings import DataSettings, ObjectiveSettings, RunSettings
@@ -104,7 +104,8 @@ def run(cfg: DictConfig) -> dict:
 
     source = load_source(cfg, rd, gate_settings, device)
     # Before the export: a data problem fails fast.
-    examples = load_eval_examples(settings.data, source.tokenizer, rd, settings.seed, limit=gate_settings.n_eval)
+    examples = load_eval_examples(settings.data, source.tokenizer, rd, settings.seed, limit=gate_settings.n_eval,
+                                  eos_token_ids=stop_token_ids(source.model))
     generation_config = release_generation_config(source.model, source.tokenizer, settings.sampler)
     parameters = parameter_counts(source.model)["total"]
     console.print(f"[bold]export[/]: {fmt} of {source.input_dir} -> {target} (unquantized tensors in "

@@ -10,7 +10,8 @@ input=<dir>, else <run_dir>/sft/model
                                                      dir, exclusions, per-expert coverage, logits error vs unquantized
      <run_dir>/quantize/<quant>/.quant_summary.txt   mtq.print_quant_summary: every quantizer and its state
      <run_dir>/quantize/<quant>/verify.json          the gate on the fake-quantized model vs <sft>/verify.json,
-                                                     verify.max_accuracy_drop defaulting to quant.max_accuracy_drop
+                                                     verify.max_accuracy_drop defaulting to quant.max_accuracy_drop,
+                                                     the logits error bounded by quant.max_logits_error
 Skipped when its outputs exist, passed, and were made with the same settings on the same input (the
 fingerprint in quant.json), unless force=true. Throughput is a simulation (fake quantization) except
 the real-FP8 linears of quant=fp8 on a CUDA device with compute capability >= 8.9 (quant.fp8_gemm). The gate runs
@@ -30,7 +31,7 @@ from dg_pipeline.core import RunDir, atomic_dir, atomic_write_json, read_json
 from dg_pipeline.core.fingerprint import stage_fingerprint_parts
 from dg_pipeline.core.registry import STAGES, decide_reuse
 from dg_pipeline.data import load_eval_examples, load_splits
-from dg_pipeline.model.io import load_model, resolve_device
+from dg_pipeline.model.io import load_model, resolve_device, stop_token_ids
 from dg_pipeline.quant import (
     QUANT_JSON,
     LogitsErrorProbe,
@@ -48,6 +49,7 @@ from dg_pipeline.sampling import SamplerConfig
 from dg_pipeline.settings import RunSettings
 from dg_pipeline.verify import GateSettings, gate_record_beside, gate_reference, read_gate_record, run_gate
 from dg_pipeline.verify.gate import resolve_max_new_tokens
+from dg_pipeline.verify.record import at_most
 
 STAGE = "quantize"
 console = Console()
@@ -82,9 +84,10 @@ def run(cfg: DictConfig) -> dict:
 
     with console.status(f"quantize: loading {input_dir}"):
         model, tokenizer = load_model(input_dir, dtype=settings.model.dtype, device=device)
-    splits = load_splits(settings.data, tokenizer, rd, seed=settings.seed)
+    splits = load_splits(settings.data, tokenizer, rd, seed=settings.seed, eos_token_ids=stop_token_ids(model))
     # The gate's examples before calibrating: a missing or empty eval file fails here, not after the work.
-    examples = load_eval_examples(settings.data, tokenizer, rd, settings.seed, limit=gate_settings.n_eval)
+    examples = load_eval_examples(settings.data, tokenizer, rd, settings.seed, limit=gate_settings.n_eval,
+                                  eos_token_ids=stop_token_ids(model))
     calib_examples = calibration_examples(splits.train, calib.n_samples, calib.max_length)
     probe = LogitsErrorProbe(model, [e.prompt_ids for e in splits.eval[: quant.probe_prompts]], settings.seed)
     console.print(
@@ -124,8 +127,14 @@ def run(cfg: DictConfig) -> dict:
             "simulation_note": "throughput of fake-quantized weights/activations; not a deployment figure",
             "fingerprint": fingerprint,
         },
+        checks=logits_error_checks(error, quant.max_logits_error),
     )
     return {**record, "gate": gate}
+
+
+def logits_error_checks(error: dict, bound: float | None) -> list:
+    """The logits relative error vs the unquantized model, bounded by quant.max_logits_error (none when null)."""
+    return [] if bound is None else [at_most("max_logits_error", error["logits_relative_error"], bound)]
 
 
 def forward_loop(settings: RunSettings, model, tokenizer, examples: list):
@@ -161,6 +170,7 @@ def quant_record(settings: RunSettings, recipe, input_dir: Path, calib_settings:
         "logits_error": error,
         "logits_relative_error": error["logits_relative_error"],
         "max_accuracy_drop": settings.quant.max_accuracy_drop,
+        "max_logits_error": settings.quant.max_logits_error,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
 

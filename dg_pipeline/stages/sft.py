@@ -7,8 +7,13 @@ input=<dir>, else <run_dir>/pretrain/model when it exists, else <run_dir>/base/m
      <run_dir>/sft/verify.json    the gate (dg_pipeline.verify.run_gate), with the training figures
      <run_dir>/sft/exp/           exp_manager: checkpoints (a restarted identical run resumes), logs
 Skipped when the model dir exists, its gate (verify.json) passed, and both were made with these settings on this
-input (the fingerprint verify.json holds), unless force=true (which also starts training clean); otherwise it says
-why it trains again, and an interrupted run with the same settings resumes from its last checkpoint. `run_training_stage` is shared with stage `pretrain`.
+input (the fingerprint verify.json holds), unless force=true (which always starts training clean); otherwise it says
+why it trains again, and an interrupted run with the same settings resumes from its last complete checkpoint.
+`run_training_stage` is shared with stage `pretrain`.
+
+Every rank trains; under trainer.strategy=fsdp each rank builds the model on the meta device and loads only its
+shards. Rank 0 generates the data (the others then read it), saves the model and runs the gate while the others
+wait (dg_pipeline.core.ranks).
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from dg_pipeline.core import RunDir, atomic_write_json
-from dg_pipeline.core.fingerprint import config_fingerprint, stage_fingerprint_parts
+from dg_pipeline.core.fingerprint import stage_fingerprint_parts
+from dg_pipeline.core.ranks import on_rank_zero, rank_zero_first
 from dg_pipeline.core.registry import STAGES, decide_reuse
 from dg_pipeline.data.sources import load_splits
-from dg_pipeline.model.io import load_model, resolve_device, resolve_dtype, save_model
+from dg_pipeline.model.io import (load_model, load_model_skeleton, resolve_device, resolve_dtype, save_model,
+                                  stop_token_ids)
 from dg_pipeline.settings import RunSettings
-from dg_pipeline.training import RESUME_KEYS, TrainingJob, train
+from dg_pipeline.training import TrainingJob, train
 from dg_pipeline.verify import GateSettings, read_gate_record, run_gate
 from dg_pipeline.verify.record import VERIFY_JSON
 from dg_pipeline.verify.step_choice import StepChoice, choose_denoising_steps
@@ -56,42 +63,50 @@ def run_training_stage(cfg: DictConfig, stage: str, max_steps: int, ar_only: boo
         console.print(f"[bold]{stage}[/]: training again: {reuse.reason}")
 
     device = resolve_device(settings.device)
-    # FP32 master weights whatever model.dtype says; trainer.precision decides the compute dtype. The input's
-    # tokenizer is checked against the one its model was saved with (load_model), before any training.
-    model, tokenizer = load_model(input_dir, dtype="float32", device="cpu")
-    splits = load_splits(settings.data, tokenizer, rundir, seed=settings.seed)  # an empty eval file fails here
+    if settings.trainer.strategy == "fsdp":
+        model, tokenizer = load_model_skeleton(input_dir)  # no weights yet: each rank loads its shards
+    else:
+        # FP32 master weights whatever model.dtype says; trainer.precision decides the compute dtype. The input's
+        # tokenizer is checked against the one its model was saved with (load_model), before any training.
+        model, tokenizer = load_model(input_dir, dtype="float32", device="cpu")
+    with rank_zero_first(f"{stage}: generating the data"):
+        splits = load_splits(settings.data, tokenizer, rundir, seed=settings.seed,
+                             eos_token_ids=stop_token_ids(model))  # an empty eval file fails here
     objective = "ar" if ar_only else settings.objective.name
     console.print(f"[bold]{stage}[/]: {input_dir} -> {model_dir}; {len(splits.train)} train / {len(splits.val)} val "
                   f"examples, {max_steps} steps, objective={objective}")
     started = time.perf_counter()
-    # force=true starts clean; otherwise an interrupted run with the same settings resumes from its checkpoint.
-    job = TrainingJob.for_run(settings, stage, stage_dir, max_steps, ar_only=ar_only, resume=not settings.force,
-                              fingerprint=config_fingerprint(cfg, RESUME_KEYS, f"{stage}:{input_dir}"))
-    model, result, trainer = train(job, model, tokenizer, splits)
-    if not trainer.is_global_zero:
-        return {}  # other ranks only train; rank 0 saves and verifies
+    # force=true always starts clean; otherwise an interrupted run with the same settings resumes.
+    job = TrainingJob.for_run(settings, stage, stage_dir, max_steps, input_dir, ar_only=ar_only,
+                              resume=not settings.force)
+    model, result, _ = train(job, model, tokenizer, splits)
 
-    model = model.to(device=device, dtype=resolve_dtype(settings.model.dtype)).eval()
-    gate = GateSettings.for_run(settings)
-    choice = choose_step_budget(settings, gate, stage, model, tokenizer, splits.val)
-    for stale in (VERIFY_JSON, TRAINING_JSON):  # a gate record only ever describes the model beside it
-        (stage_dir / stale).unlink(missing_ok=True)
-    save_model(model, tokenizer, model_dir)
-    figures = {
-        "stage": stage,
-        "input": str(input_dir),
-        "objective": objective,
-        "lora": settings.trainer.lora.enabled,
-        **result.to_dict(),
-        "train_examples": len(splits.train),
-        "val_examples": len(splits.val),
-        "stage_seconds": time.perf_counter() - started,
-    }
-    atomic_write_json(stage_dir / TRAINING_JSON, figures)
-    _print_figures(figures)
-    return run_gate(model, tokenizer, splits.gate_examples(), gate, stage=stage, input_dir=input_dir,
-                    out_dir=stage_dir, extra={"training": figures, "step_choice": choice.to_dict() if choice else None,
-                                              "fingerprint": fingerprint})
+    def save_and_verify() -> dict:
+        trained = model.to(device=device, dtype=resolve_dtype(settings.model.dtype)).eval()
+        gate = GateSettings.for_run(settings)
+        choice = choose_step_budget(settings, gate, stage, trained, tokenizer, splits.val)
+        for stale in (VERIFY_JSON, TRAINING_JSON):  # a gate record only ever describes the model beside it
+            (stage_dir / stale).unlink(missing_ok=True)
+        save_model(trained, tokenizer, model_dir)
+        figures = {
+            "stage": stage,
+            "input": str(input_dir),
+            "objective": objective,
+            "lora": settings.trainer.lora.enabled,
+            **result.to_dict(),
+            "train_examples": len(splits.train),
+            "val_examples": len(splits.val),
+            "stage_seconds": time.perf_counter() - started,
+        }
+        atomic_write_json(stage_dir / TRAINING_JSON, figures)
+        _print_figures(figures)
+        return run_gate(trained, tokenizer, splits.gate_examples(), gate, stage=stage, input_dir=input_dir,
+                        out_dir=stage_dir,
+                        extra={"training": figures, "step_choice": choice.to_dict() if choice else None,
+                               "fingerprint": fingerprint})
+
+    # Rank 0 saves and verifies while the other ranks wait (and fail with it if it fails).
+    return on_rank_zero(save_and_verify, f"stage {stage}: saving {model_dir} and its gate") or {}
 
 
 def choose_step_budget(settings: RunSettings, gate: GateSettings, stage: str, model, tokenizer,

@@ -1,5 +1,9 @@
 """The LightningModule: a DiffusionGemmaForBlockDiffusion trained with one objective (dg_pipeline.objective).
 
+Every forward of a step is one call of `self.network` (an ObjectiveForward holding the model), the root FSDP unit
+when the model is sharded (`configure_model`, dg_pipeline.training.sharding). The noise of each example is keyed by
+(seed, epoch, example index), so it does not depend on the number of ranks and a resumed run continues it.
+
 It owns the optimisation recipe (AdamW, linear warm-up then cosine to lr * min_lr_ratio) and the metrics:
 train/loss, train/diffusion_loss, train/ar_loss, train/lr (tokens/s comes from callbacks.TokensPerSecond) and
 val/loss, val/diffusion_loss, val/ar_loss, val/acc_t1.0, val/acc_t0.5 (argmax accuracy of ONE denoising step from
@@ -16,11 +20,12 @@ import torch
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from dg_pipeline.core.errors import InputError
+from dg_pipeline.objective import TRAIN_STREAM, VALIDATION_STREAM, NoiseKey, ObjectiveForward
+from dg_pipeline.settings import ParallelSettings
+from dg_pipeline.training.sharding import is_sharded, shard_network
 
 # Validation noise levels for the single-step accuracy metrics.
 VALIDATION_LEVELS = (1.0, 0.5)
-# Offset between the training and validation noise streams (validation repeats the same noise every time).
-VALIDATION_SEED_OFFSET = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -84,50 +89,62 @@ def batch_size_of(batch: dict) -> int:
 
 class BlockDiffusionModule(pl.LightningModule):
     """Lightning wrapper: `model` (a DiffusionGemmaForBlockDiffusion, possibly with LoRA adapters injected) trained
-    with `objective.loss(model, batch, generator)`."""
+    with `objective.loss(model, batch, noise)`.
 
-    def __init__(self, model, objective, optim: OptimConfig, seed: int = 0):
+    parallel: the scale-out settings; under trainer.strategy=fsdp `configure_model` shards the model.
+    weights_dir: for a model built on the meta device (sharded runs), the dir its weights are loaded from, each
+    rank reading only its shards, right after sharding.
+    """
+
+    def __init__(self, model, objective, optim: OptimConfig, seed: int = 0,
+                 parallel: ParallelSettings | None = None, weights_dir=None):
         super().__init__()
-        self.model = model
-        self.objective = objective
+        self.network = ObjectiveForward(model, objective)
         self.optim = optim
         self.seed = int(seed)
-        self._train_generator: torch.Generator | None = None
+        self.parallel = parallel or ParallelSettings()
+        self.weights_dir = weights_dir
         self.last_validated_step: int | None = None  # global step of the latest full validation
+        self.resumed_train_loss: float | None = None  # the train loss logged before the checkpoint resumed from
+        # DDP (when it wraps the module) and Lightning (before a validate outside fit) broadcast rank 0's buffers to
+        # the other ranks by position. The rotary module registers its per-layer-type buffers in `set` order, which
+        # differs between processes (string hashing): rank 1's sliding and full-attention frequencies would be
+        # swapped. They are constants computed alike on every rank, so no sync may touch them (torch's DDP ignore
+        # list, which Lightning's sync reads too).
+        self._ddp_params_and_buffers_to_ignore = [name for name, _ in self.named_buffers()]
 
-    # -- noise streams
     @property
-    def train_generator(self) -> torch.Generator:
-        """The training noise stream: one per rank, created on the module's device, saved in checkpoints."""
-        if self._train_generator is None or self._train_generator.device != self.device:
-            self._train_generator = torch.Generator(device=self.device).manual_seed(self.seed + self.global_rank)
-        return self._train_generator
+    def model(self):
+        return self.network.model
 
-    def validation_generator(self, batch_idx: int) -> torch.Generator:
+    @property
+    def objective(self):
+        return self.network.objective
+
+    # -- noise streams: each example's noise from (seed, stream, epoch, example index)
+    @property
+    def train_noise(self) -> NoiseKey:
+        return NoiseKey(self.seed, TRAIN_STREAM)
+
+    @property
+    def validation_noise(self) -> NoiseKey:
         """Validation draws the same noise every time, so val metrics compare across steps."""
-        return torch.Generator(device=self.device).manual_seed(self.seed + VALIDATION_SEED_OFFSET + batch_idx)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["dg_train_generator"] = self.train_generator.get_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "dg_train_generator" in checkpoint:
-            self.train_generator.set_state(checkpoint["dg_train_generator"].cpu())
+        return NoiseKey(self.seed, VALIDATION_STREAM)
 
     # -- steps
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.objective.loss(self.model, batch, self.train_generator)
+        out = self.network.loss(batch, self.train_noise)
         n = batch_size_of(batch)
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=n)
-        self.log("train/diffusion_loss", out.diffusion_loss, batch_size=n)
-        self.log("train/ar_loss", out.ar_loss, batch_size=n)
+        # Averaged over ranks: the logged (and recorded) train loss is the global batch's, not rank 0's.
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("train/diffusion_loss", out.diffusion_loss, batch_size=n, sync_dist=True)
+        self.log("train/ar_loss", out.ar_loss, batch_size=n, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         self.last_loss = out.loss.detach()  # for StopOnNonFinite, which sees the gradients before the step
         return out.loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        generator = self.validation_generator(batch_idx)
-        out = self.objective.loss(self.model, batch, generator)
+        out = self.network.loss(batch, self.validation_noise)
         n = batch_size_of(batch)
         self.log("val/loss", out.loss, prog_bar=True, batch_size=n, sync_dist=True)
         self.log("val/diffusion_loss", out.diffusion_loss, batch_size=n, sync_dist=True)
@@ -135,7 +152,7 @@ class BlockDiffusionModule(pl.LightningModule):
         if not self.objective.has_diffusion:
             return
         for t in VALIDATION_LEVELS:
-            acc = self.objective.denoising_accuracy(self.model, batch, t, generator)
+            acc = self.network.denoising_accuracy(batch, t, self.validation_noise)
             # Weighted by token count, so the epoch value is sum(correct) / sum(total).
             self.log(f"val/acc_t{t}", acc.correct / max(acc.total, 1), batch_size=max(acc.total, 1), sync_dist=True)
             self.log(f"val/answer_acc_t{t}", acc.answer_correct / max(acc.answer_total, 1),
@@ -144,6 +161,14 @@ class BlockDiffusionModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
             self.last_validated_step = self.global_step
+
+    # A run resumed from its last checkpoint may have no step left to run: it still reports the last train loss.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        loss = self.trainer.callback_metrics.get("train/loss")
+        checkpoint["dg_last_train_loss"] = None if loss is None else float(loss)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.resumed_train_loss = checkpoint.get("dg_last_train_loss")
 
     # -- optimisation
     def configure_optimizers(self):
@@ -158,13 +183,19 @@ class BlockDiffusionModule(pl.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # -- scale-out: ModelParallelStrategy (trainer.strategy=fsdp) calls this to shard the model
+    # -- scale-out: ModelParallelStrategy (trainer.strategy=fsdp) calls this on every fit/validate
     def configure_model(self) -> None:
         mesh = getattr(self, "device_mesh", None)
-        if mesh is None:
+        if mesh is None or is_sharded(self.network):
             return
-        from torch.distributed.fsdp import fully_shard
+        from dg_pipeline.training.expert_parallel import expert_mesh
 
-        # One FSDP unit over the whole model: encoder and decoder layers share (tie) their weights, so they must
-        # live in the same unit.
-        fully_shard(self.model, mesh=mesh["data_parallel"])
+        data_parallel = mesh["data_parallel"]
+        shard_network(self.network, self.model, data_parallel, self.parallel,
+                      expert_mesh=expert_mesh(data_parallel, self.parallel.expert_parallel))
+        if any(p.is_meta for p in self.model.parameters()):
+            from dg_pipeline.model.sharded_io import load_sharded_weights
+
+            if self.weights_dir is None:
+                raise ValueError("a meta-device model needs weights_dir to load its shards from")
+            load_sharded_weights(self.model, self.weights_dir, self.trainer.strategy.root_device)

@@ -38,6 +38,7 @@ from dg_pipeline.sampling import BlockDiffusionSampler, GenerationResult, Sample
 from dg_pipeline.verify.breakdown import accuracy_breakdown, first_per_source, source_accuracies
 from dg_pipeline.verify.plots import plot_step_sweep, plot_trajectory, trajectory_grid
 from dg_pipeline.verify.record import (
+    Check,
     GateSettings,
     PairedDrop,
     at_most,
@@ -83,10 +84,11 @@ class DecodePass:
         return sum(self.block_steps) / len(self.block_steps) if self.block_steps else None
 
 
-def useful_length(seq: Sequence[int], eos_id: int | None, pad_id: int | None) -> int:
-    """Response tokens up to and including the first EOS; without EOS, the tokens before padding."""
+def useful_length(seq: Sequence[int], eos_ids: Sequence[int], pad_id: int | None) -> int:
+    """Response tokens up to and including the first EOS (any of `eos_ids`); without EOS, the tokens before
+    padding."""
     for i, t in enumerate(seq):
-        if eos_id is not None and t == eos_id:
+        if t in eos_ids:
             return i + 1
         if pad_id is not None and t == pad_id:
             return i
@@ -103,8 +105,11 @@ def run_pass(
     tokenizer,
     progress: Progress | None = None,
     label: str = "",
+    eos_token_ids: Sequence[int] = (),
 ) -> DecodePass:
-    """Decode `examples` in batches of `batch_size` and add up what the decoder reports."""
+    """Decode `examples` in batches of `batch_size` and add up what the decoder reports (a response ends at any of
+    `eos_token_ids`, the model's stop ids; () = the tokenizer's eos)."""
+    eos_ids = tuple(eos_token_ids) or (tokenizer.eos_token_id,)
     out = DecodePass()
     task = progress.add_task(label, total=len(examples)) if progress is not None else None
     for start in range(0, len(examples), batch_size):
@@ -113,7 +118,7 @@ def run_pass(
         rows = result.sequences.tolist()
         out.sequences.extend(rows)
         out.seconds += result.wall_time_s
-        out.generated_tokens += sum(useful_length(r, tokenizer.eos_token_id, tokenizer.pad_token_id) for r in rows)
+        out.generated_tokens += sum(useful_length(r, eos_ids, tokenizer.pad_token_id) for r in rows)
         out.decoder_forwards += int(result.decoder_forwards.sum())
         out.committed_tokens += int(result.committed_tokens.sum())
         out.block_steps.extend(s for block in result.steps_per_block for s in block if s > 0)  # 0 = row had ended
@@ -156,13 +161,15 @@ def ar_decoder(model, tokenizer, max_new_tokens: int) -> Generate:
     return generate
 
 
-def measure(generate: Generate, examples: Sequence, batch_size: int, speed_n: int, tokenizer, progress, name: str):
+def measure(generate: Generate, examples: Sequence, batch_size: int, speed_n: int, tokenizer, progress, name: str,
+            eos_token_ids: Sequence[int] = ()):
     """(pass over all examples at `batch_size`, pass over the first `speed_n` at batch 1), each after an untimed
     warm-up call of its own shape, so neither pays one-time costs (lazy init, compilation, CUDA graphs)."""
     generate(examples[:batch_size])
-    batched = run_pass(generate, examples, batch_size, tokenizer, progress, f"{name:<9} batch {batch_size}")
+    batched = run_pass(generate, examples, batch_size, tokenizer, progress, f"{name:<9} batch {batch_size}",
+                       eos_token_ids)
     generate(examples[:1])
-    single = run_pass(generate, examples[:speed_n], 1, tokenizer, progress, f"{name:<9} batch 1")
+    single = run_pass(generate, examples[:speed_n], 1, tokenizer, progress, f"{name:<9} batch 1", eos_token_ids)
     return batched, single
 
 
@@ -205,23 +212,25 @@ def run_gate(
     *,
     simulated: bool = False,
     extra: Mapping[str, Any] | None = None,
+    checks: Sequence[Check] = (),
     console: Console | None = None,
 ) -> dict:
     """Run the gate and write <out_dir>/verify.json; raise GateFailed (after writing) when a check fails.
 
     `reference`: the verify.json (path, its dir, or the record) the accuracy drop is measured against;
     verify.reference overrides it. `simulated`: throughput was measured on fake-quantized weights (quantize
-    stage). `extra`: more keys for the record (e.g. the quant format).
+    stage). `extra`: more keys for the record (e.g. the quant format); `checks`: the stage's own checks (e.g. the
+    quantize stage's logits-error bound), added to the task checks.
     """
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     console = console or Console()
     # Everything that can be wrong with the inputs fails here, before any decoding.
-    scorer = scorer_for(settings.task, tokenizer)
+    sampler_config = SamplerConfig.for_model(model, settings.sampler, tokenizer)
+    scorer = scorer_for(settings.task, tokenizer, sampler_config.eos_token_ids)  # stops where the sampler stops
     thresholds = settings.thresholds
     ref = gate_reference(settings, stage, input_dir, reference, scorer.metric)
     examples = first_examples(examples, settings.n_eval)
-    sampler_config = SamplerConfig.for_model(model, settings.sampler, tokenizer)
 
     decodes = decode_for_gate(model, tokenizer, examples, settings, sampler_config, scorer, out_dir, console)
     scores = [scorer.score(s, e) for s, e in zip(decodes.diffusion.sequences, examples)]
@@ -242,8 +251,8 @@ def run_gate(
                                  if thresholds.drop_confidence else paired.drop}
     non_finite = non_finite_tensors(model)
     record["non_finite_tensors"] = non_finite[:20]
-    checks = gate_checks(record["accuracy"], record["speedup_vs_ar"], thresholds, ref, paired)
-    finalize_record(record, [*checks, at_most("non_finite_weights", len(non_finite), 0)])
+    task_checks = gate_checks(record["accuracy"], record["speedup_vs_ar"], thresholds, ref, paired)
+    finalize_record(record, [*task_checks, *checks, at_most("non_finite_weights", len(non_finite), 0)])
     _write_predictions(out_dir, examples, scores, ar_scores)
     record["seconds"]["gate_total"] = time.perf_counter() - t_start
     path = write_record(out_dir, record)
@@ -291,11 +300,12 @@ def decode_for_gate(model, tokenizer, examples, settings: GateSettings, sampler_
     try:
         diffusion = diffusion_decoder(model, sampler_config, tokenizer, max_new, seed)
         with progress_bar(console, prefix="[bold]verify[/bold] ") as progress:
-            main, single = measure(diffusion, examples, batch_size, speed_n, tokenizer, progress, "diffusion")
+            eos = sampler_config.eos_token_ids
+            main, single = measure(diffusion, examples, batch_size, speed_n, tokenizer, progress, "diffusion", eos)
             ar_main = ar_single = None
             if v.ar_baseline:
                 ar = ar_decoder(model, tokenizer, max_new)
-                ar_main, ar_single = measure(ar, examples, batch_size, speed_n, tokenizer, progress, "AR")
+                ar_main, ar_single = measure(ar, examples, batch_size, speed_n, tokenizer, progress, "AR", eos)
             sweep = sweep_steps(model, settings, tokenizer, examples, scorer, max_new, seed, batch_size, progress)
         adaptive = adaptive_point(main, examples, scorer, settings, sampler_config) if sweep else None
         plots = (write_plots(diffusion, tokenizer, examples[0], sweep, scorer.metric, out_dir, adaptive)
@@ -411,7 +421,8 @@ def sweep_steps(model, settings: GateSettings, tokenizer, examples, scorer, max_
     for steps in settings.verify.sweep_steps if counts is None else counts:
         sampler_config = SamplerConfig.for_model(model, settings.sampler, tokenizer, **fixed_steps(steps))
         decode = diffusion_decoder(model, sampler_config, tokenizer, max_new, seed)
-        run = run_pass(decode, examples, batch_size, tokenizer, progress, f"sweep     steps={steps}")
+        run = run_pass(decode, examples, batch_size, tokenizer, progress, f"sweep     steps={steps}",
+                       sampler_config.eos_token_ids)
         points.append({"max_denoising_steps": steps, "mode": "fixed",
                        **pass_point(run, examples, [scorer.score(s, e) for s, e in zip(run.sequences, examples)])})
     return points

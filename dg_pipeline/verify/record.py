@@ -38,6 +38,12 @@ REQUIRED_KEYS = (
 )
 # Accuracies are fractions; this slack keeps a float round-off from failing an exactly-met threshold.
 _EPS = 1e-9
+# What a failed yes/no check means, where its name does not say it.
+_WHY = {
+    "metric_can_move": " [the reference gate got no example right, so no drop can show: score on examples the input "
+                       "model solves, train it further, or pass verify.allow_flat_metric=true to certify on the "
+                       "other checks (e.g. quant.max_logits_error)]",
+}
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class Check:
     passed: bool
 
     def describe(self) -> str:
+        if self.op == "is":
+            return f"{self.name}: {self.value} (needs {self.threshold})" + _WHY.get(self.name, "")
         value = "n/a" if self.value is None else f"{self.value:.4g}"
         return f"{self.name}: {value} (needs {self.op} {self.threshold:.4g})"
 
@@ -75,6 +83,14 @@ def holds(name: str, ok: bool) -> Check:
     return Check(name, bool(ok), True, "is", bool(ok))
 
 
+def metric_can_move(reference_accuracy: float, allow_flat: bool) -> Check:
+    """A drop check is only evidence when the reference got something right: at reference accuracy 0 no result can
+    drop (0 before, 0 after passes whatever the model became). Fails unless the run allows a flat metric, and then
+    still says so: value False, passed True."""
+    movable = float(reference_accuracy) > _EPS
+    return Check("metric_can_move", movable, True, "is", movable or bool(allow_flat))
+
+
 @dataclass(frozen=True)
 class GateThresholds:
     """The gate's thresholds (the verify group, with the stage's own drop allowance; see GateSettings)."""
@@ -83,6 +99,7 @@ class GateThresholds:
     max_accuracy_drop: float | None = None
     min_speedup: float = 0.0
     drop_confidence: float = 0.0
+    allow_flat_metric: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,7 +127,8 @@ class GateSettings:
     def thresholds(self) -> GateThresholds:
         v = self.verify
         return GateThresholds(min_accuracy=float(v.min_accuracy), max_accuracy_drop=self.max_accuracy_drop,
-                              min_speedup=float(v.min_speedup), drop_confidence=float(v.drop_confidence))
+                              min_speedup=float(v.min_speedup), drop_confidence=float(v.drop_confidence),
+                              allow_flat_metric=bool(v.allow_flat_metric))
 
 
 def read_gate_record(path: str | Path) -> dict | None:
@@ -182,6 +200,7 @@ def gate_checks(
             # Same boards, same sampler seed: only a drop that is real at this confidence fails the gate.
             drop = paired.drop_lower_bound(thresholds.drop_confidence)
         checks.append(at_most("max_accuracy_drop", drop, thresholds.max_accuracy_drop))
+        checks.append(metric_can_move(reference["accuracy"], thresholds.allow_flat_metric))
     if thresholds.min_speedup > 0 or speedup_vs_ar is not None:
         checks.append(at_least("min_speedup", speedup_vs_ar, thresholds.min_speedup))
     return checks

@@ -6,11 +6,14 @@
   `cell_accuracy` = correct cells / blank cells of the puzzle (the cells the model had to fill), and
   `cell_accuracy_all` = correct cells / all cells (clues included, so copying the clues counts). A missing or
   non-digit cell counts as wrong.
-- Prompt/completion (`metric = "exact_match"`): exact match of the decoded response (special tokens dropped) and
-  the reference completion, both stripped; `token_accuracy` = positions where the generated token equals the
-  reference response token (EOS included, so stopping on time counts) / reference length.
+- Prompt/completion (`metric = "exact_match"`): exact match of the decoded response and the decoded reference
+  response (each up to its first stop id, special tokens dropped, stripped); `token_accuracy` = positions where the
+  generated token equals the reference response token / reference length, both up to and including their first
+  stop id, any of which counts as the stop (stopping on time counts, with <turn|> as with <eos>).
+A response ends at the model's stop ids (`eos_token_ids`: its generation config's eos list, e.g. [1, 106]) or pad;
+without them, at the tokenizer's eos/pad.
 
-`scorer_for(kind, tokenizer)` picks one from `data.kind`; `aggregate(scores)` averages them.
+`scorer_for(kind, tokenizer, eos_token_ids)` picks one from `data.kind`; `aggregate(scores)` averages them.
 """
 
 from __future__ import annotations
@@ -53,8 +56,10 @@ def response_until_stop(ids: Sequence[int], stop_ids: Iterable[int]) -> list[int
     return out
 
 
-def _stop_ids(tokenizer) -> list[int]:
-    return [i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None]
+def stop_ids(tokenizer, eos_token_ids: Sequence[int] | None = None) -> list[int]:
+    """Where a response ends: the model's eos ids (else the tokenizer's eos) and pad."""
+    eos = list(eos_token_ids) if eos_token_ids else [tokenizer.eos_token_id]
+    return [i for i in (*eos, tokenizer.pad_token_id) if i is not None]
 
 
 class SudokuScorer:
@@ -62,9 +67,9 @@ class SudokuScorer:
 
     metric = "solved"
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, eos_token_ids: Sequence[int] | None = None):
         self.codec = BoardCodec(tokenizer)
-        self.stop_ids = _stop_ids(tokenizer)
+        self.stop_ids = stop_ids(tokenizer, eos_token_ids)
 
     def decode_board(self, generated_ids: Sequence[int]) -> str:
         """The generated digits up to EOS/pad; a non-digit token reads as '?' (never a valid cell)."""
@@ -112,25 +117,33 @@ class CompletionScorer:
 
     metric = "exact_match"
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, eos_token_ids: Sequence[int] | None = None):
         self.tokenizer = tokenizer
-        self.stop_ids = _stop_ids(tokenizer)
+        self.stop_ids = stop_ids(tokenizer, eos_token_ids)
+        self.eos_ids = set(self.stop_ids) - {tokenizer.pad_token_id}
 
     def score(self, generated_ids: Sequence[int], example) -> Score:
         text = self.tokenizer.decode(response_until_stop(generated_ids, self.stop_ids), skip_special_tokens=True)
-        meta = getattr(example, "meta", None) or {}
-        reference_ids = list(example.response_ids)
-        if "completion" in meta:
-            reference = str(meta["completion"])
-        else:  # the reference text is what the reference tokens say
-            reference = self.tokenizer.decode(response_until_stop(reference_ids, self.stop_ids), skip_special_tokens=True)
+        # The reference text is what the reference tokens say (the template's turn: thought channel, tool calls).
+        reference_ids = self._through_stop(example.response_ids)
+        reference = self.tokenizer.decode(response_until_stop(reference_ids, self.stop_ids), skip_special_tokens=True)
         exact = text.strip() == reference.strip()
-        hits = sum(int(g) == r for g, r in zip(generated_ids, reference_ids))
+        generated = self._through_stop(generated_ids)
+        hits = sum(g == r or (g in self.eos_ids and r in self.eos_ids) for g, r in zip(generated, reference_ids))
         token_accuracy = hits / len(reference_ids) if reference_ids else float(exact)
         return Score(exact, {"token_accuracy": token_accuracy}, text=text, reason="" if exact else "text differs")
 
     def strata(self, example) -> dict:
         return {}
+
+    def _through_stop(self, ids: Sequence[int]) -> list[int]:
+        """`ids` up to and including the first eos id (the response proper and its stop)."""
+        out = []
+        for t in ids:
+            out.append(int(t))
+            if out[-1] in self.eos_ids:
+                break
+        return out
 
 
 SCORERS = {"sudoku": SudokuScorer, "chat": CompletionScorer}
@@ -143,9 +156,9 @@ def scorer_class(kind: str) -> type[Scorer]:
     return SCORERS[kind]
 
 
-def scorer_for(kind: str, tokenizer) -> Scorer:
-    """The scorer of a data kind (data.kind)."""
-    return scorer_class(kind)(tokenizer)
+def scorer_for(kind: str, tokenizer, eos_token_ids: Sequence[int] | None = None) -> Scorer:
+    """The scorer of a data kind (data.kind); `eos_token_ids`: the model's stop ids (None = the tokenizer's eos)."""
+    return scorer_class(kind)(tokenizer, eos_token_ids)
 
 
 def aggregate(scores: Sequence[Score]) -> dict[str, float]:

@@ -45,7 +45,8 @@ def choose_denoising_steps(model, tokenizer, examples: Sequence, settings: GateS
         return None
     loss = settings.verify.choose_steps_max_loss
     console = console or Console()
-    scorer = scorer_for(settings.task, tokenizer)
+    eos = SamplerConfig.for_model(model, settings.sampler, tokenizer).eos_token_ids
+    scorer = scorer_for(settings.task, tokenizer, eos)  # stops where the sampler stops
     max_new = resolve_max_new_tokens(settings.sampler.max_new_tokens, settings.task, examples)
     seed = settings.sampler.seed
     batch_size = settings.verify.batch_size
@@ -54,7 +55,8 @@ def choose_denoising_steps(model, tokenizer, examples: Sequence, settings: GateS
     try:
         def point(**changes) -> dict:
             config = SamplerConfig.for_model(model, settings.sampler, tokenizer, **changes)
-            run = run_pass(diffusion_decoder(model, config, tokenizer, max_new, seed), examples, batch_size, tokenizer)
+            run = run_pass(diffusion_decoder(model, config, tokenizer, max_new, seed), examples, batch_size, tokenizer,
+                           eos_token_ids=eos)
             scores = [scorer.score(s, e) for s, e in zip(run.sequences, examples)]
             return {"max_denoising_steps": config.max_denoising_steps, **pass_point(run, examples, scores)}
 
