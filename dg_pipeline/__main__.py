@@ -39,9 +39,55 @@ def main(cfg: DictConfig) -> None:
         run_stage(cfg)
     except PipelineError as e:
         # One clear line for errors the user can fix; tracebacks are for bugs.
-        print(f"\nerror: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted (Ctrl-C): nothing was left half-written (every output is written under a temporary name "
+             "and renamed once complete); rerun the same command to continue (training resumes from its last "
+             "checkpoint)", code=EXIT_INTERRUPTED, prefix="")
+    except Exception as e:
+        full = disk_full(e)
+        if full is None:
+            raise
+        where = f" while writing {full.filename}" if getattr(full, "filename", None) else ""
+        fail(f"no space left on device{where} (under run_dir={cfg.run_dir}): free some space (df -h "
+             f"{cfg.run_dir}) and rerun the same command; nothing was left half-written (outputs are renamed into "
+             "place only once complete)")
+
+
+EXIT_INTERRUPTED = 130  # the shell's code for a process stopped by SIGINT
+
+
+def fail(message: str, code: int = 1, prefix: str = "error: ") -> None:
+    print(f"\n{prefix}{message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def disk_full(error: BaseException) -> BaseException | None:
+    """The exception in `error`'s chain that says the disk is full (ENOSPC; a library may wrap it in its own
+    error, e.g. safetensors' "No space left on device (os error 28)"), or None."""
+    import errno
+
+    e = error
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def check_arguments(argv: list[str]) -> None:
+    """A bad override (unknown key, wrong type, unknown option) fails here in one line, before any work."""
+    from dg_pipeline.core.errors import InputError
+    from dg_pipeline.settings.command_line import check_command_line
+
+    if any(a.startswith("-") for a in argv):
+        return  # Hydra's own flags (--help, -m, ...): Hydra handles the command line
+    try:
+        check_command_line(argv)
+    except InputError as e:
+        fail(str(e))
 
 
 if __name__ == "__main__":
+    check_arguments(sys.argv[1:])
     main()

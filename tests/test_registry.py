@@ -5,16 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dg_pipeline.core.registry import (
-    NEVER,
-    OUTPUT,
-    PASSED_GATE,
-    PASSED_GATE_SAME_FINGERPRINT,
-    SAME_FINGERPRINT,
-    STAGE_ORDER,
-    STAGES,
-    decide_reuse,
-)
+from dg_pipeline.core.registry import NEVER, REUSE, STAGE_ORDER, STAGES, decide_reuse
 from dg_pipeline.core.rundir import RunDir
 
 PIPELINE_DIR = Path(__file__).resolve().parents[1] / "dg_pipeline"
@@ -75,20 +66,32 @@ def test_the_gate_tables_list_stages_in_registry_order():
     assert [label for label, _ in load_stage_records(records)] == list(STAGE_ORDER)
 
 
-@pytest.mark.parametrize("rule", [OUTPUT, PASSED_GATE, SAME_FINGERPRINT, PASSED_GATE_SAME_FINGERPRINT])
-def test_the_skip_rule_reuses_an_output_only_with_all_the_evidence_its_rule_asks_for(rule, tmp_path):
+def test_every_stage_with_an_output_reuses_it_by_the_one_rule_or_says_why_not():
+    for spec in STAGES.values():
+        if spec.output is None:
+            continue
+        assert (spec.reuse == REUSE and spec.gate_record is not None) or (spec.reuse == NEVER and spec.why_never), \
+            spec.name
+    assert {s.name for s in STAGES.values() if s.reuse == REUSE} == {"base", "pretrain", "sft", "quantize"}
+
+
+def test_an_output_is_reused_only_when_it_its_passed_gate_record_and_its_fingerprint_all_match(tmp_path):
     out = tmp_path / "out"
-    evidence = dict(gate_record={"passed": True}, fingerprint="abc", recorded_fingerprint="abc")
-    assert not decide_reuse(rule, out, **evidence).skip  # no output
+    evidence = dict(gate_record={"passed": True}, fingerprint={"trainer": "a", "input": "b"},
+                    recorded_fingerprint={"trainer": "a", "input": "b"})
+    assert "does not exist" in decide_reuse(REUSE, out, **evidence).reason
     out.mkdir()
-    assert decide_reuse(rule, out, **evidence).skip
-    forced = decide_reuse(rule, out, force=True, **evidence)
+    assert decide_reuse(REUSE, out, **evidence).skip
+    forced = decide_reuse(REUSE, out, force=True, **evidence)
     assert not forced.skip and forced.reason == "force=true"
-    failed = decide_reuse(rule, out, **{**evidence, "gate_record": {"passed": False}})
-    other = decide_reuse(rule, out, **{**evidence, "recorded_fingerprint": "xyz"})
-    assert failed.skip == (rule not in (PASSED_GATE, PASSED_GATE_SAME_FINGERPRINT))
-    assert other.skip == (rule not in (SAME_FINGERPRINT, PASSED_GATE_SAME_FINGERPRINT))
-    assert "other settings" in other.reason or other.skip
+    no_record = decide_reuse(REUSE, out, **{**evidence, "gate_record": None})
+    assert not no_record.skip and "no gate record" in no_record.reason
+    failed = decide_reuse(REUSE, out, **{**evidence, "gate_record": {"passed": False}})
+    assert not failed.skip and "failed gate" in failed.reason
+    settings = decide_reuse(REUSE, out, **{**evidence, "recorded_fingerprint": {"trainer": "x", "input": "b"}})
+    assert not settings.skip and settings.reason.endswith("was made with other trainer settings")
+    moved = decide_reuse(REUSE, out, **{**evidence, "recorded_fingerprint": {"trainer": "a", "input": "c"}})
+    assert not moved.skip and moved.reason.endswith("was made with another input")
     assert not decide_reuse(NEVER, out, **evidence).skip
 
 

@@ -35,12 +35,16 @@ def test_a_changed_calibration_key_only_reruns_quantize_and_export(compose_cfg, 
     ]
 
 
-def test_a_stage_is_up_to_date_only_with_its_output_and_the_same_fingerprint(compose_cfg, tmp_path):
+def test_a_stage_is_up_to_date_only_with_its_output_its_passed_gate_and_the_same_fingerprint(compose_cfg, tmp_path):
     cfg = compose_cfg(f"run_dir={tmp_path}")
     rd, base = RunDir.from_cfg(cfg), plan(cfg)[0]
     assert not is_up_to_date(rd, base)
     base.output.mkdir(parents=True)
     atomic_write_json(state_file(rd, base), {"fingerprint": base.fingerprint})
+    assert not is_up_to_date(rd, base)  # no gate record: its gate never finished
+    atomic_write_json(rd.verify_json("base"), {"stage": "base", "passed": False})
+    assert not is_up_to_date(rd, base)
+    atomic_write_json(rd.verify_json("base"), {"stage": "base", "passed": True})
     assert is_up_to_date(rd, base)
     atomic_write_json(state_file(rd, base), {"fingerprint": stage_fingerprint(cfg, "base", "other input")})
     assert not is_up_to_date(rd, base)

@@ -60,10 +60,13 @@ def test_a_second_run_is_skipped_and_says_so_and_force_rebuilds(base_cfg, tmp_pa
     assert "skipped" not in base.run(base_cfg(tmp_path, "model.init=tiny", "force=true"))
 
 
-def test_skipping_refuses_an_existing_base_built_from_other_settings(base_cfg, tmp_path):
+def test_a_base_built_from_other_settings_is_rebuilt_and_says_which_settings_changed(base_cfg, tmp_path, capsys):
     base.run(base_cfg(tmp_path, "model.init=tiny"))
-    with pytest.raises(InputError, match=r"init: built with 'tiny', now 'sudoku4'.*force=true"):
-        base.run(base_cfg(tmp_path, "model.init=sudoku4"))
+    capsys.readouterr()
+    record = base.run(base_cfg(tmp_path, "model.init=tiny", "seed=7"))
+    assert "skipped" not in record and record["source"]["seed"] == 7
+    out = " ".join(capsys.readouterr().out.split())
+    assert "base: rebuilding:" in out and "was made with other seed settings" in out
 
 
 def test_random_init_is_seeded_by_the_run_seed(base_cfg, tmp_path):

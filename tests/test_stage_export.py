@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,41 @@ def test_check_stage_passes_a_good_bundle_and_lists_every_violation_of_a_bad_one
                      "tokenizer.json: listed in manifest.json but missing"):
         assert expected in message
     assert re.search(r"generation_config\.json: (size \d+ bytes|sha256 differs)", message)
+
+
+def test_an_overwrite_whose_gate_fails_keeps_the_old_bundle_and_the_new_one_beside_it(fp8_bundle, run_dir,
+                                                                                      stage_cfg):
+    from dg_pipeline.core import GateFailed
+    from dg_pipeline.stages import check, export
+
+    bundle, _ = fp8_bundle
+    before = {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
+    with pytest.raises(GateFailed) as failed:
+        export.run(stage_cfg(run_dir, "stage=export", "quant=fp8", "export.overwrite=true",
+                             "export.max_accuracy_drop=null", "verify.min_accuracy=1.0"))
+    rejected = bundle.with_name("fp8.failed")
+    message = str(failed.value)
+    assert f"{bundle} is unchanged" in message and f"kept at {rejected}" in message and "min_accuracy" in message
+    assert {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()} == before
+    assert json.loads((rejected / "verify.json").read_text())["passed"] is False
+    # stage=check lists only published bundles: the rejected one and a killed writer's temp dir are skipped.
+    leftover = bundle.with_name(".fp8.k3j_x9.tmp")
+    shutil.copytree(bundle, leftover)
+    result = check.run(stage_cfg(run_dir, "stage=check"))
+    assert str(bundle) in result["checked"] and {Path(p).name for p in result["checked"]} <= {"fp8", "bf16"}
+    shutil.rmtree(leftover)
+    shutil.rmtree(rejected)
+
+
+def test_a_bundle_without_its_manifest_fails_check_unless_hashes_are_skipped(fp8_bundle, stage_cfg, tmp_path):
+    from dg_pipeline.stages import check
+
+    bare = tmp_path / "bare"
+    shutil.copytree(fp8_bundle[0], bare)
+    (bare / "manifest.json").unlink()
+    with pytest.raises(CheckFailed, match=r"manifest.json: missing.*export.skip_hashes=true"):
+        check.run(stage_cfg(tmp_path, "stage=check", f"input={bare}"))
+    assert check.run(stage_cfg(tmp_path, "stage=check", f"input={bare}", "export.skip_hashes=true"))["passed"]
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def test_the_gate_writes_a_complete_record_predictions_and_plots(tiny, gate_sett
     assert 0 < on_disk["tokens_per_forward"] <= CANVAS
     assert on_disk["device"].startswith("cpu")
     assert on_disk["sampler"]["max_denoising_steps"] == 3
-    assert [c["name"] for c in on_disk["checks"]] == ["min_accuracy", "min_speedup"]
+    assert [c["name"] for c in on_disk["checks"]] == ["min_accuracy", "min_speedup", "non_finite_weights"]
     assert all(set(c) >= {"name", "value", "threshold", "passed"} for c in on_disk["checks"])
     assert [p["max_denoising_steps"] for p in on_disk["sweep"]] == [1, 3]
     assert on_disk["sweep"][0]["mean_denoising_steps"] == 1.0
@@ -74,7 +74,8 @@ def test_a_failed_gate_writes_passed_false_then_raises_naming_each_failed_check(
     assert record["reference"] == {"path": str(reference), "stage": "sft", "accuracy": 1.0}
     assert record["accuracy_drop"] == pytest.approx(1.0 - record["accuracy"])
     assert [(c["name"], c["passed"]) for c in record["checks"]] == [
-        ("min_accuracy", False), ("max_accuracy_drop", False), ("metric_can_move", True), ("min_speedup", False)
+        ("min_accuracy", False), ("max_accuracy_drop", False), ("metric_can_move", True), ("min_speedup", False),
+        ("non_finite_weights", True),
     ]
     assert not (tmp_path / "out" / "trajectory.png").exists()  # verify.plots=false
 
@@ -84,7 +85,7 @@ def test_without_the_ar_baseline_there_is_no_speedup_and_no_speedup_check(tiny, 
     cfg = gate_settings(*FAST, "verify.ar_baseline=false", "verify.plots=false", "verify.speed_examples=1")
     record = run_gate(model, tokenizer, examples, cfg, "eval", "/m", tmp_path, simulated=True, extra={"quant": "fp8"})
     assert record["ar_accuracy"] is None and record["speedup_vs_ar"] is None
-    assert [c["name"] for c in record["checks"]] == ["min_accuracy"]
+    assert [c["name"] for c in record["checks"]] == ["min_accuracy", "non_finite_weights"]
     assert record["simulated"] is True and record["quant"] == "fp8"
 
 

@@ -11,3 +11,7 @@ class InputError(PipelineError):
 
 class GateFailed(PipelineError):
     """A verification gate check failed; verify.json was still written with passed=false."""
+
+
+class TrainingDiverged(PipelineError):
+    """Training reached a non-finite loss or gradient norm; nothing was saved."""

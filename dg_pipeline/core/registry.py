@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Reuse rules: what a stage needs to find before it reuses its output instead of running (force=true always runs).
-NEVER = "never"  # always runs (a read-only check, or an output that is refused when it exists)
-OUTPUT = "its output exists"
-PASSED_GATE = "its output passed its gate"
-SAME_FINGERPRINT = "its output was made with the same settings and input"  # stage=all's steps
-PASSED_GATE_SAME_FINGERPRINT = "its output passed its gate and was made with the same settings and input"
+# Every stage with an output reuses it by the one rule, REUSE: its output exists, its gate record beside it passed,
+# and both were made with the same settings and input (the fingerprint the gate record holds). The exceptions
+# (NEVER) say why in their row.
+NEVER = "never"  # always runs (a read-only check, a measurement, or an output that is refused when it exists)
+REUSE = "its output passed its gate and was made with the same settings and input"
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class StageSpec:
     output: str | None  # where it writes, under <run_dir> ({variant}: one dir per quant format)
     fingerprint_keys: tuple[str, ...]  # the config groups it reads: a change in one (or in its input) reruns it
     reuse: str  # the evidence a skip needs (see above)
+    gate_record: str | None = None  # its gate's verify.json under <run_dir> (the record a reuse reads)
+    why_never: str = ""  # for reuse=NEVER with an output: why the one rule does not apply
     summary: str = ""
     in_all: bool = True  # stage=all runs it (in table order; a {variant} stage once per quant.formats entry)
     # An optional stage: stage=all runs it only when this count is > 0; its consumers fall back to its provider.
@@ -41,6 +43,9 @@ class StageSpec:
     def per_variant(self) -> bool:
         return self.output is not None and "{variant}" in self.output
 
+    def gate_record_path(self, run_dir: Path, variant: str | None = None) -> Path | None:
+        return None if self.gate_record is None else Path(run_dir) / self.gate_record.format(variant=variant)
+
     def output_dir(self, run_dir: Path, variant: str | None = None) -> Path | None:
         if self.output is None:
             return None
@@ -50,23 +55,31 @@ class StageSpec:
 
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
-    StageSpec("base", None, "base/model", ("model", "seed"), PASSED_GATE,
+    StageSpec("base", None, "base/model", ("model", "seed"), REUSE, "base/verify.json",
               summary="base weights: model.base (loaded or converted) or model.init (random)"),
-    StageSpec("pretrain", "base", "pretrain/model", ("model", "data", "trainer", "seed"), OUTPUT,
-              summary="causal-LM training of the shared weights", enabled_by="trainer.pretrain_steps", every_rank=True),
+    StageSpec("pretrain", "base", "pretrain/model", ("model", "data", "trainer", "seed"), REUSE,
+              "pretrain/verify.json",
+              summary="causal-LM training of the shared weights", enabled_by="trainer.pretrain_steps",
+              every_rank=True),
     StageSpec("sft", "pretrain", "sft/model",
-              ("model", "data", "objective", "trainer", "sampler", "verify", "seed"), OUTPUT,
+              ("model", "data", "objective", "trainer", "sampler", "verify", "seed"), REUSE, "sft/verify.json",
               summary="block-diffusion fine-tuning, then the gate", every_rank=True),
-    StageSpec("eval", "sft", "eval", (), NEVER, in_all=False,
+    StageSpec("eval", "sft", "eval", (), NEVER, "eval/verify.json", in_all=False,
+              why_never="a measurement of whatever input= holds now: always measured again",
               summary="the gate on any dir the pipeline writes (model dir, quantize output, export)"),
-    StageSpec("quantize", "sft", "quantize/{variant}", ("quant", "calib", "sampler", "verify", "seed"),
-              PASSED_GATE_SAME_FINGERPRINT, summary="ModelOpt calibration per format, then the gate"),
+    StageSpec("quantize", "sft", "quantize/{variant}", ("quant", "calib", "sampler", "verify", "seed"), REUSE,
+              "quantize/{variant}/verify.json", summary="ModelOpt calibration per format, then the gate"),
     StageSpec("export", "quantize", "export/{variant}", ("export", "quant", "sampler", "verify"), NEVER,
+              "export/{variant}/verify.json",
+              why_never="a release is never reused silently: an existing bundle is refused unless export.overwrite="
+                        "true, which swaps the new one in only after its gate passed (stage=all reuses it by the one "
+                        "rule, with its fingerprint)",
               summary="the release bundle: loader rules, reload gate, model card, manifest",
               # the fingerprint decided to rebuild it, so it may replace the old bundle
               all_overrides=("export.format=hf", "export.name={variant}", "export.overwrite=true")),
     StageSpec("check", "export", None, (), NEVER, summary="the loader rules on exported dirs", in_all=False),
     StageSpec("plan", None, "plan", ("model", "data", "objective", "trainer", "plan"), NEVER,
+              why_never="a few seconds on the meta device, no gate: always computed again",
               summary="per-device memory of sft under the sharding plan (meta device, no training)", in_all=False,
               tracked=False),
 )}
@@ -93,25 +106,35 @@ class Reuse:
 
 
 def decide_reuse(rule: str, output: Path, *, force: bool = False, gate_record: dict | None = None,
-                 fingerprint: str | None = None, recorded_fingerprint: str | None = None) -> Reuse:
-    """The one skip decision: reuse `output` only when the evidence `rule` asks for is all there (gate_record: the
-    output's verify.json, read; fingerprint: this run's; recorded_fingerprint: the one the output was made with)."""
+                 fingerprint: str | dict | None = None, recorded_fingerprint: str | dict | None = None) -> Reuse:
+    """The one skip decision: with rule REUSE, reuse `output` only when it exists, its gate record (its verify.json,
+    read) passed, and the fingerprint it was made with (`recorded_fingerprint`) is this run's (`fingerprint`).
+    Fingerprints as {part: hash} maps (core.fingerprint.fingerprint_parts) let the reason name what changed."""
     if rule == NEVER:
         return Reuse(False, "always runs")
     if force:
         return Reuse(False, "force=true")
     if not Path(output).exists():
         return Reuse(False, f"{output} does not exist")
-    if rule in (PASSED_GATE, PASSED_GATE_SAME_FINGERPRINT):
-        if gate_record is None:
-            return Reuse(False, f"{output} has no gate record")
-        if not gate_record.get("passed"):
-            return Reuse(False, f"{output} recorded a failed gate")
-    if rule in (SAME_FINGERPRINT, PASSED_GATE_SAME_FINGERPRINT) and recorded_fingerprint != fingerprint:
-        return Reuse(False, f"{output} was made with other settings or another input")
-    passed = ", passed its gate" if rule in (PASSED_GATE, PASSED_GATE_SAME_FINGERPRINT) else ""
-    same = " with these settings on this input" if rule in (SAME_FINGERPRINT, PASSED_GATE_SAME_FINGERPRINT) else ""
-    return Reuse(True, f"{output} exists{passed}{same}")
+    if gate_record is None:
+        return Reuse(False, f"{output} has no gate record (its gate never finished)")
+    if not gate_record.get("passed"):
+        return Reuse(False, f"{output} recorded a failed gate")
+    if recorded_fingerprint != fingerprint:
+        return Reuse(False, f"{output} was made {_what_changed(fingerprint, recorded_fingerprint)}")
+    return Reuse(True, f"{output} exists, passed its gate, with these settings on this input")
+
+
+def _what_changed(now, recorded) -> str:
+    if recorded is None:
+        return "without a recorded fingerprint"
+    if isinstance(now, dict) and isinstance(recorded, dict):
+        changed = sorted(k for k in {*now, *recorded} if now.get(k) != recorded.get(k))
+        groups = [k for k in changed if k != "input"]
+        parts = ([f"other {', '.join(groups)} settings"] if groups else []) + (
+            ["another input"] if "input" in changed else [])
+        return "with " + " and ".join(parts)
+    return "with other settings or another input"
 
 
 def registry_markdown() -> str:
@@ -125,7 +148,8 @@ def registry_markdown() -> str:
         keys = ", ".join(f"`{k}`" for k in s.fingerprint_keys) or "-"
         name = f"`{s.name}`" + (f" (when `{s.enabled_by}` > 0)" if s.optional else "") + ("" if s.in_all else " *") \
             + (" (every rank)" if s.every_rank else "")
+        reuse = s.reuse + (f" ({s.why_never})" if s.why_never else "")
         lines.append(f"| {name} | `stages/{s.name}.py` | {provider} | {f'`{s.output}`' if s.output else '-'} | {keys} "
-                     f"| {s.reuse} | {s.summary} |")
+                     f"| {reuse} | {s.summary} |")
     return "\n".join(lines) + ("\n\n`*`: not part of `stage=all`. (every rank): every rank of a multi-process run "
                                "runs it; the other stages run on rank 0 while the other ranks wait.\n")

@@ -88,10 +88,10 @@ def load_eval_examples(data: DataSettings, tokenizer: PreTrainedTokenizerBase, r
     if not data.eval_path:
         return load_splits(data, tokenizer, run_dir, seed, eos_token_ids).gate_examples()
     if data.kind == "sudoku":
-        boards = read_boards(data.eval_path, data.size, limit=limit)
+        boards = _eval_rows(read_boards(data.eval_path, data.size, limit=limit), data.eval_path)
         size = data.size or (size_for_length(len(boards[0].puzzle)) if boards else None)
         return sudoku_examples(boards, tokenizer, FILE_SOURCE) + independent_examples(data, tokenizer, size, len(boards))
-    records = read_chat_jsonl(data.eval_path, limit=limit)
+    records = _eval_rows(read_chat_jsonl(data.eval_path, limit=limit), data.eval_path)
     return chat_examples(records, tokenizer, data.max_prompt_length, data.chat_template, eos_token_ids)
 
 
@@ -104,7 +104,7 @@ def _sudoku_splits(data: DataSettings, tokenizer: PreTrainedTokenizerBase, data_
     n_train, n_val, n_eval = data.n_train, data.n_val or 0, data.n_eval
 
     # An eval file gives its first n_eval rows (null = all).
-    eval_boards = read_boards(eval_path, size, limit=n_eval) if eval_path else None
+    eval_boards = _eval_rows(read_boards(eval_path, size, limit=n_eval), eval_path) if eval_path else None
     if eval_boards:
         size = size or size_for_length(len(eval_boards[0].puzzle))
     if train_path:
@@ -284,7 +284,7 @@ def _chat_splits(data: DataSettings, tokenizer: PreTrainedTokenizerBase, seed: i
             '{"prompt","completion"} or {"messages": [...]} rows (fix: add data.train_path=/path/to/train.jsonl)'
         )
     n_train, n_val, n_eval = data.n_train, data.n_val or 0, data.n_eval
-    held_out = read_chat_jsonl(eval_path, limit=n_eval) if eval_path else None
+    held_out = _eval_rows(read_chat_jsonl(eval_path, limit=n_eval), eval_path) if eval_path else None
     records = read_chat_jsonl(train_path, limit=_rows_needed(n_train, n_val, n_eval, eval_path))
     eval_records, val_records, train_records = split_disjoint(
         records, n_eval or 0, n_val, n_train, seed, _prompt_key, held_out=held_out
@@ -336,6 +336,14 @@ def split_disjoint(
     if dropped:
         log.info("dropped %d rows whose prompt repeats an earlier row or an eval row", dropped)
     return eval_items, val_items, train_items
+
+
+def _eval_rows(rows: list, path: Any) -> list:
+    """The rows of data.eval_path; none is an error before any training or decoding (a gate needs examples)."""
+    if not rows:
+        raise InputError(f"data.eval_path={path}: the file holds no examples, so no gate could score this run (fix: "
+                         "point data.eval_path at a non-empty file, or drop it to use the run's generated eval split)")
+    return rows
 
 
 def _check_not_empty(splits: Splits, source: Any) -> None:

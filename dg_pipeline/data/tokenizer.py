@@ -87,3 +87,55 @@ def build_char_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     if chat_template:
         tokenizer.chat_template = CHAR_CHAT_TEMPLATE
     return tokenizer
+
+
+# --------------------------------------------------------------------------------------------- identity
+
+# Written beside the tokenizer files of every model dir and bundle: the hash of the tokenizer the weights were
+# trained with. A tokenizer that maps any token to another id (e.g. two digits swapped) fails on load, naming both
+# files, instead of decoding wrong answers that a gate may still pass.
+TOKENIZER_RECORD = "tokenizer_identity.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of what decides token ids: the vocabulary (token -> id, added tokens included) and the special ids."""
+    import hashlib
+    import json
+
+    special = {name: getattr(tokenizer, f"{name}_id", None) for name in ("pad_token", "eos_token", "bos_token",
+                                                                      "unk_token", "mask_token")}
+    blob = json.dumps({"vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0])),
+                       "special": special}, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def save_tokenizer(tokenizer, out_dir) -> None:
+    """The tokenizer files and TOKENIZER_RECORD (its hash) into `out_dir`."""
+    from pathlib import Path
+
+    from dg_pipeline.core.io import atomic_write_json
+
+    tokenizer.save_pretrained(out_dir)
+    atomic_write_json(Path(out_dir) / TOKENIZER_RECORD, {"sha256": tokenizer_hash(tokenizer), "tokens": len(tokenizer)})
+
+
+def tokenizer_mismatch(tokenizer, model_dir) -> str | None:
+    """Why `tokenizer` (loaded from `model_dir`) is not the one recorded there, or None (no record: a dir another
+    tool wrote, nothing to compare)."""
+    from pathlib import Path
+
+    from dg_pipeline.core.io import read_json
+
+    record_path = Path(model_dir) / TOKENIZER_RECORD
+    if not record_path.is_file():
+        return None
+    recorded = read_json(record_path).get("sha256")
+    now = tokenizer_hash(tokenizer)
+    if recorded == now:
+        return None
+    tokenizer_file = next((Path(model_dir) / f for f in TOKENIZER_FILES if (Path(model_dir) / f).exists()),
+                          Path(model_dir) / TOKENIZER_FILES[0])
+    return (f"{tokenizer_file}: this tokenizer (sha256 {now[:12]}) is not the one the weights were saved with "
+            f"(sha256 {str(recorded)[:12]}, recorded in {record_path}): some tokens map to other ids. Restore the "
+            f"tokenizer files the model was trained with (e.g. from its input dir), or retrain with this tokenizer")

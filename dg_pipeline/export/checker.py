@@ -32,6 +32,7 @@ import torch
 
 from dg_pipeline.core.errors import InputError, PipelineError
 from dg_pipeline.core.manifest import MANIFEST, manifest_problems
+from dg_pipeline.data.tokenizer import TOKENIZER_RECORD, tokenizer_mismatch
 from dg_pipeline.export.formats import (
     DECODER_PREFIX,
     ENCODER_TEXT_PREFIX,
@@ -84,14 +85,17 @@ class CheckFailed(PipelineError):
         super().__init__("\n".join(parts))
 
 
-def check_export(export_dir: str | Path) -> list[Violation]:
-    """Every loader-rule violation of an exported directory (empty list = vLLM starts on it and loads it)."""
+def check_export(export_dir: str | Path, require_manifest: bool = False, skip_hashes: bool = False) -> list[Violation]:
+    """Every loader-rule violation of an exported directory (empty list = vLLM starts on it and loads it).
+    `require_manifest`: a missing manifest.json is a violation (a bundle this pipeline published always has one);
+    `skip_hashes`: the manifest is neither required nor compared."""
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise InputError(f"input={export_dir}: not a directory; point input= at an exported checkpoint dir")
     out: list[Violation] = []
     config = _read_json_file(export_dir, "config.json", out)
-    out += check_manifest_rule(export_dir)
+    if not skip_hashes:
+        out += check_manifest_rule(export_dir, require_manifest)
     if config is None:
         return out  # nothing else can be interpreted without config.json
     out += check_config(config)
@@ -284,6 +288,9 @@ def check_tokenizer(export_dir: Path, config: dict) -> list[Violation]:
         tokenizer = AutoTokenizer.from_pretrained(export_dir)
     except (OSError, ValueError, TypeError) as e:
         return [Violation(TOKENIZER_CONFIG, f"the tokenizer does not load ({e})", fix)]
+    mismatch = tokenizer_mismatch(tokenizer, export_dir)
+    if mismatch:
+        return [Violation(TOKENIZER_RECORD, mismatch, fix)]
     vocab = (config.get("text_config") or config).get("vocab_size")
     if vocab is not None and len(tokenizer) > vocab:
         return [Violation(TOKENIZER_CONFIG, f"{len(tokenizer)} tokens but vocab_size is {vocab}",
@@ -291,8 +298,12 @@ def check_tokenizer(export_dir: Path, config: dict) -> list[Violation]:
     return []
 
 
-def check_manifest_rule(export_dir: Path) -> list[Violation]:
+def check_manifest_rule(export_dir: Path, required: bool = False) -> list[Violation]:
     if not (export_dir / MANIFEST).exists():
+        if required:
+            return [Violation(MANIFEST, "missing, so no file of the bundle can be verified (a truncated or swapped "
+                              "file would pass)", "re-export the bundle, or pass export.skip_hashes=true to check "
+                              "the loader rules of a checkpoint another tool wrote")]
         return []  # foreign checkpoints carry none; the pipeline's loader requires it separately
     return [Violation(name, problem, "restore the file from the export, or re-export (the manifest is written "
                       "last and covers every file)") for name, problem in manifest_problems(export_dir)]

@@ -17,6 +17,7 @@ from transformers import DiffusionGemmaGenerationConfig
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.manifest import MANIFEST, verify_manifest
+from dg_pipeline.data.tokenizer import tokenizer_mismatch
 from dg_pipeline.export.dequant import dequantize_linear
 from dg_pipeline.export.formats import (
     GENERATION_CONFIG,
@@ -115,6 +116,9 @@ def load_export(
         raise InputError(f"{export_dir}: encoder and decoder weights are not shared after loading ({untied[:3]})")
     model = model.to(device=device, dtype=torch_dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(export_dir)
+    mismatch = tokenizer_mismatch(tokenizer, export_dir)
+    if mismatch:
+        raise InputError(mismatch)
     if (export_dir / GENERATION_CONFIG).exists():
         model.generation_config = generation_config(
             tokenizer, base=DiffusionGemmaGenerationConfig.from_pretrained(export_dir), model_config=config

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from dg_pipeline.core.errors import InputError, PipelineError
 from dg_pipeline.core.io import atomic_write_json, read_json
+from dg_pipeline.data.tokenizer import save_tokenizer
 from dg_pipeline.export.formats import (
     ARCHITECTURE,
     FORMAT_BY_WEIGHT_DTYPE,
@@ -160,7 +161,7 @@ def export_unquantized(
 
 def _finish_bundle(out_dir: Path, tokenizer, generation_config, dtype: torch.dtype) -> None:
     generation_config.save_pretrained(out_dir)  # replaces the (null-valued) one save_pretrained wrote
-    tokenizer.save_pretrained(out_dir)  # export_hf_checkpoint saves no tokenizer
+    save_tokenizer(tokenizer, out_dir)  # export_hf_checkpoint saves no tokenizer
     config = read_json(out_dir / "config.json")
     config["architectures"] = [ARCHITECTURE]
     config["dtype"] = str(dtype).removeprefix("torch.")  # what serving engines default the model dtype to

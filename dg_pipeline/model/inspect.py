@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import read_json
 
@@ -84,10 +86,29 @@ def inspect_checkpoint(path: str | Path, key: str = "model.base") -> CheckpointI
     return CheckpointInfo(path, model_type, tuple(config.get("architectures") or ()), config)
 
 
+def damaged_weights_file(model_dir: Path) -> tuple[Path, str] | None:
+    """The first *.safetensors file of `model_dir` whose header or data does not read back, with the reason."""
+    from safetensors import safe_open
+
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    f.get_slice(name)
+        except SafetensorError as e:
+            return path, str(e)
+    return None
+
+
 def from_pretrained_complete(model_class, info: CheckpointInfo, dtype, key: str, what: str):
     """`model_class.from_pretrained(info.path)`, refusing a checkpoint that lacks tensors (transformers would
     initialise them randomly and carry on)."""
-    model, loading = model_class.from_pretrained(info.path, dtype=dtype, output_loading_info=True)
+    try:
+        model, loading = model_class.from_pretrained(info.path, dtype=dtype, output_loading_info=True)
+    except SafetensorError as e:
+        damaged, why = damaged_weights_file(Path(info.path)) or (Path(info.path), str(e))
+        raise InputError(f"{key}={info.path}: {damaged} is damaged ({why}): the file is truncated or was modified; "
+                         f"restore it, or rerun the stage that wrote it") from None
     if loading["missing_keys"]:
         missing = sorted(loading["missing_keys"])
         raise InputError(

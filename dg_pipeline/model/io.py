@@ -22,6 +22,7 @@ from transformers import (
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.core.io import atomic_dir
 from dg_pipeline.core.manifest import MANIFEST, verify_manifest
+from dg_pipeline.data.tokenizer import save_tokenizer, tokenizer_mismatch
 from dg_pipeline.model.convert import ConversionReport, convert_checkpoint
 from dg_pipeline.model.inspect import CheckpointInfo, from_pretrained_complete, inspect_checkpoint
 from dg_pipeline.model.structure import untied_backbone_weights
@@ -74,6 +75,9 @@ def load_tokenizer(info: CheckpointInfo, key: str = "model.base"):
             f"{key}={info.path}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
             f"the tokenizer belongs to another model"
         )
+    mismatch = tokenizer_mismatch(tokenizer, info.path)
+    if mismatch:
+        raise InputError(f"{key}={info.path}: {mismatch}")
     return tokenizer
 
 
@@ -181,5 +185,5 @@ def save_model(model, tokenizer, out_dir: str | Path, generation_config=None) ->
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
     return out_dir

@@ -18,6 +18,7 @@ class ExportSettings:
     format: str = "hf"
     name: Optional[str] = None  # null = the quantize input's dir name (hf), "bf16" (bf16)
     overwrite: bool = False
+    skip_hashes: bool = False  # stage=check: accept a bundle without manifest.json, skip the sha256 comparison
     dtype: str = "bfloat16"
     max_accuracy_drop: Optional[float] = 0.03  # the reload gate's allowance when verify.max_accuracy_drop is null
 

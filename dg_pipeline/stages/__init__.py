@@ -6,10 +6,14 @@ any other runs on rank 0 while the others wait for it (dg_pipeline.core.ranks), 
 
 from __future__ import annotations
 
+import contextlib
+
 from omegaconf import DictConfig
 
 from dg_pipeline.core.errors import InputError
-from dg_pipeline.core.ranks import on_rank_zero
+from dg_pipeline.core.io import remove_leftovers
+from dg_pipeline.core.lock import output_lock
+from dg_pipeline.core.ranks import is_rank_zero, on_rank_zero
 from dg_pipeline.core.registry import STAGES as REGISTRY
 from dg_pipeline.core.rundir import RunDir
 from dg_pipeline.settings import RunSettings
@@ -34,21 +38,23 @@ def run_stage(cfg: DictConfig):
 
 
 def run_stage_tracked(cfg: DictConfig, variant: str | None = None):
-    """Run one stage (on every rank or on rank 0, as its registry row says), then log its verify.json metrics and
-    output artifact to W&B from rank 0 (lineage to its input)."""
+    """Run one stage (on every rank or on rank 0, as its registry row says) holding the lock of its output (one
+    writer per output; the temporary files a killed writer left are removed first), then log its verify.json
+    metrics and output artifact to W&B from rank 0 (lineage to its input)."""
     stage = str(cfg.stage)
     run = RUNNERS[stage]
-    if REGISTRY[stage].every_rank:
-        result = run(cfg)
-        on_rank_zero(lambda: _track(cfg, stage, variant), f"stage={stage}: tracking")
-        return result
+    with _writing(cfg, stage, variant):
+        if REGISTRY[stage].every_rank:
+            result = run(cfg)
+            on_rank_zero(lambda: _track(cfg, stage, variant), f"stage={stage}: tracking")
+            return result
 
-    def run_and_track():
-        result = run(cfg)
-        _track(cfg, stage, variant)
-        return result
+        def run_and_track():
+            result = run(cfg)
+            _track(cfg, stage, variant)
+            return result
 
-    return on_rank_zero(run_and_track, f"stage={stage}" + (f"[{variant}]" if variant else ""))
+        return on_rank_zero(run_and_track, f"stage={stage}" + (f"[{variant}]" if variant else ""))
 
 
 def _track(cfg: DictConfig, stage: str, variant: str | None) -> None:
@@ -61,6 +67,19 @@ def _track(cfg: DictConfig, stage: str, variant: str | None) -> None:
     if out_dir is not None and out_dir.exists():
         track_stage(cfg, stage, out_dir, variant=variant,
                     upstream=artifact_name(rd.root, *upstream) if upstream else None)
+
+
+@contextlib.contextmanager
+def _writing(cfg: DictConfig, stage: str, variant: str | None):
+    """Rank 0 holds the lock of the stage's output (the other ranks write nothing it guards)."""
+    rd = RunDir.from_cfg(cfg)
+    out_dir = _output_and_upstream(cfg, rd, stage, variant)[0] if is_rank_zero() else None
+    if out_dir is None:
+        yield
+        return
+    with output_lock(rd.root, out_dir):
+        remove_leftovers(out_dir)
+        yield
 
 
 def _output_and_upstream(cfg: DictConfig, rd: RunDir, stage: str, variant: str | None):

@@ -3,11 +3,12 @@ quantize (gate) -> export (check + gate) (core.registry says which rows, in whic
 
 Each step is what its own command line would run: this run's overrides plus the step's (`stage=quantize
 quant=nvfp4 input=<sft/model>`, ...), composed by Hydra, so a `quant.kv_cache=fp8` on the command line reaches every
-format while each format keeps its own conf/quant/<fmt>.yaml. A step is skipped when its output exists and its
-fingerprint (the config groups it reads + its input's fingerprint) is unchanged; `force=true` reruns everything
-(training from scratch). A step whose output exists but is stale is rebuilt (force=true for that step); one whose
-output is missing (e.g. sft killed mid-training) runs without force, so its training resumes. Fingerprints live in
-<run_dir>/.dg_state/. Every rank walks the chain; each stage's registry row says where its work runs
+format while each format keeps its own conf/quant/<fmt>.yaml. A step is skipped by the registry's one rule
+(core.registry.REUSE): its output exists, its gate record passed, and its fingerprint (the config groups it reads +
+its input's fingerprint, chained through the steps) is unchanged; otherwise it says why it runs. `force=true` reruns
+everything (training from scratch). A step whose output exists but is stale is rebuilt (force=true for that step);
+one whose output is missing (e.g. sft killed mid-training) runs without force, so its training resumes. Fingerprints
+live in <run_dir>/.dg_state/. Every rank walks the chain; each stage's registry row says where its work runs
 (stages/__init__.py), and the bookkeeping (state files, summary, table) is rank 0's.
 """
 
@@ -21,9 +22,9 @@ from typing import Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from dg_pipeline.core.fingerprint import stage_fingerprint
-from dg_pipeline.core.io import atomic_write_json, read_json
+from dg_pipeline.core.io import atomic_write_json, gate_records, read_json
 from dg_pipeline.core.ranks import is_rank_zero
-from dg_pipeline.core.registry import SAME_FINGERPRINT, STAGES, decide_reuse
+from dg_pipeline.core.registry import REUSE, STAGES, decide_reuse
 from dg_pipeline.core.rundir import RunDir
 from dg_pipeline.settings import RunSettings, compose
 
@@ -102,7 +103,9 @@ def is_up_to_date(rd: RunDir, step: PlannedStage) -> bool:
 def reuse(rd: RunDir, step: PlannedStage, force: bool):
     f = state_file(rd, step)
     recorded = read_json(f).get("fingerprint") if f.exists() else None
-    return decide_reuse(SAME_FINGERPRINT, step.output, force=force, fingerprint=step.fingerprint,
+    gate = STAGES[step.stage].gate_record_path(rd.root, step.variant)
+    gate_record = read_json(gate) if gate is not None and gate.is_file() else None
+    return decide_reuse(REUSE, step.output, force=force, gate_record=gate_record, fingerprint=step.fingerprint,
                         recorded_fingerprint=recorded)
 
 
@@ -138,6 +141,6 @@ def run(cfg: DictConfig, run_step: Callable[[DictConfig, str | None], dict]) -> 
 def _print_final_table(rd: RunDir) -> None:
     from dg_pipeline.verify import print_stage_table
 
-    records = sorted(rd.root.glob("**/verify.json"))
+    records = gate_records(rd.root)
     if records:
         print_stage_table(records)

@@ -12,6 +12,7 @@ dg_pipeline.model.parity), generation_config.json loads as a DiffusionGemmaGener
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -20,6 +21,7 @@ from rich.table import Table
 from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, DiffusionGemmaGenerationConfig
 
 from dg_pipeline.core import GateFailed, InputError, RunDir, atomic_write_json, read_json
+from dg_pipeline.core.fingerprint import stage_fingerprint_parts
 from dg_pipeline.core.registry import STAGES, decide_reuse
 from dg_pipeline.data.tokenizer import build_board_tokenizer
 from dg_pipeline.model.configs import build_model
@@ -44,14 +46,18 @@ def run(cfg: DictConfig) -> dict:
     model_dir, verify_path = rundir.output(STAGE), rundir.verify_json(STAGE)
     request = source_request(settings)
 
+    base_dir = Path(request["base"]).expanduser() if request["base"] else None
+    fingerprint = stage_fingerprint_parts(cfg, STAGE, base_dir if base_dir and base_dir.is_dir() else None,
+                                          upstream=f"init:{request['init']}" if request["init"] else str(base_dir))
     previous = read_json(verify_path) if verify_path.is_file() else None
-    reuse = decide_reuse(STAGES[STAGE].reuse, model_dir, force=settings.force, gate_record=previous)
+    reuse = decide_reuse(STAGES[STAGE].reuse, model_dir, force=settings.force, gate_record=previous,
+                         fingerprint=fingerprint, recorded_fingerprint=(previous or {}).get("fingerprint"))
     if reuse.skip:
-        _refuse_if_built_differently(previous, request, rundir)
         console.print(f"[bold]base[/]: skipped, {reuse.reason} (force=true rebuilds it)")
         return {**previous, "skipped": True}
-    if previous is not None and not settings.force:
+    if model_dir.exists() and not settings.force:
         console.print(f"[bold]base[/]: rebuilding: {reuse.reason}")
+    verify_path.unlink(missing_ok=True)  # a gate record only ever describes the output beside it
 
     started = time.perf_counter()
     device = resolve_device(settings.device)
@@ -80,6 +86,7 @@ def run(cfg: DictConfig) -> dict:
         "conversion_parity_max_abs_logit_diff": conversion.parity_max_abs_logit_diff if conversion else None,
         "conversion_parity": conversion.parity if conversion else None,
         "conversion": vars(conversion) if conversion else None,
+        "fingerprint": fingerprint,
         "reload_parity": reload_parity,
         "eos_token_id": model.generation_config.eos_token_id,
         "passed": all(c["passed"] for c in checks),
@@ -113,17 +120,6 @@ def source_request(settings: RunSettings) -> dict:
         "vocab_size": None if model.base else model.vocab_size,
         "seed": settings.seed,
     }
-
-
-def _refuse_if_built_differently(record: dict, request: dict, rundir: RunDir) -> None:
-    built = record.get("source") or {}
-    changed = {k: (built.get(k), v) for k, v in request.items() if built.get(k) != v}
-    if changed:
-        diffs = ", ".join(f"{k}: built with {old!r}, now {new!r}" for k, (old, new) in changed.items())
-        raise InputError(
-            f"{rundir.stage(STAGE)} was built from other settings ({diffs}); pass force=true to rebuild it, or use "
-            f"another run_dir"
-        )
 
 
 def build_base(data_kind: str, request: dict, device: str):

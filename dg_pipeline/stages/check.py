@@ -4,7 +4,9 @@
     python -m dg_pipeline stage=check run_dir=<dir>             every <run_dir>/export/<name>/
 
 Prints one line per directory; on any violation raises CheckFailed, whose message lists EVERY violation (tensor or
-file, rule, fix), one per line, and the entry point exits 1. Writes nothing.
+file, rule, fix), one per line, and the entry point exits 1. Writes nothing. A bundle without manifest.json fails
+unless export.skip_hashes=true. Under a run dir, only published bundles are checked: a killed writer's temporary dir
+(.<name>.*.tmp) and a bundle that failed its gate (<name>.failed) are listed as skipped, never as a PASS.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from dg_pipeline.core import InputError, RunDir
-from dg_pipeline.settings import RunSettings
+from dg_pipeline.core.io import is_leftover
 from dg_pipeline.export import CheckFailed, check_export
-from dg_pipeline.core.manifest import MANIFEST
+from dg_pipeline.settings import RunSettings
+from dg_pipeline.stages.export import REJECTED_SUFFIX
 
 STAGE = "check"
 console = Console()
@@ -32,7 +35,17 @@ def export_dirs(cfg: DictConfig) -> list[Path]:
             raise InputError(f"input={explicit}: directory not found; point input= at an exported checkpoint dir")
         return [path]
     root = RunDir.from_cfg(cfg).stage("export")
-    dirs = sorted(p for p in root.glob("*") if p.is_dir() and (p / "config.json").exists()) if root.is_dir() else []
+    dirs, skipped = [], []
+    for p in sorted(root.glob("*") if root.is_dir() else []):
+        if not p.is_dir():
+            continue
+        if is_leftover(p) or p.name.endswith(REJECTED_SUFFIX):
+            skipped.append(p)
+        elif (p / "config.json").exists():
+            dirs.append(p)
+    for p in skipped:
+        why = "a bundle that failed its gate" if p.name.endswith(REJECTED_SUFFIX) else "a killed writer's temporary dir"
+        console.print(f"[yellow]skip[/] {p}: {why}, not a release")
     if not dirs:
         raise InputError(f"stage=check found no exported dir under {root}: run `stage=export run_dir="
                          f"{root.parent}` first, or pass input=<exported dir>")
@@ -40,12 +53,13 @@ def export_dirs(cfg: DictConfig) -> list[Path]:
 
 
 def run(cfg: DictConfig) -> dict:
+    skip_hashes = RunSettings.from_cfg(cfg).export.skip_hashes
     failed: dict[Path, list] = {}
     results = {}
     for path in export_dirs(cfg):
-        violations = check_export(path)
+        violations = check_export(path, require_manifest=True, skip_hashes=skip_hashes)
         results[str(path)] = [str(v) for v in violations]
-        note = "" if (path / MANIFEST).exists() else f" (no {MANIFEST}: file hashes not verified)"
+        note = " (export.skip_hashes=true: file hashes not verified)" if skip_hashes else ""
         if violations:
             failed[path] = violations
             console.print(f"[bold red]FAIL[/] {path}: {len(violations)} violation(s){note}")

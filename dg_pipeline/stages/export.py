@@ -13,11 +13,14 @@ Then, inside a temporary dir that only becomes <run_dir>/export/<name>/ once eve
      (verify.json, predictions, plots in the bundle) against the input's gate (export.max_accuracy_drop);
   3. README.md (model card: provenance, every stage's gate, sampler defaults, serve commands);
   4. manifest.json (sha256 of every file; verified whenever the pipeline loads the export).
-A failed gate still publishes the bundle (it passed the loader rules) and then raises GateFailed.
+Only a bundle whose gate passed is published (export.overwrite=true swaps it in for the old one in one rename); one that
+failed its gate is kept at <run_dir>/export/<name>.failed/ for reading, the old bundle untouched, and GateFailed names it.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dg_pipeline.core import GateFailed, InputError, RunDir, atomic_dir, atomic_write_text, read_json
+from dg_pipeline.core.io import REJECTED, gate_records
 from dg_pipeline.export import (
     CheckFailed,
     ModelCardFacts,
@@ -45,9 +49,11 @@ from dg_pipeline.model.structure import parameter_counts
 from dg_pipeline.quant import QUANT_JSON, read_quant_record, restore_quantized
 from dg_pipeline.settings import DataSettings, ObjectiveSettings, RunSettings
 from dg_pipeline.verify import GateSettings, gate_record_beside, gate_reference, read_gate_record, run_gate
+from dg_pipeline.verify.record import check_from_dict
 from dg_pipeline.verify.report import stage_label
 
 STAGE = "export"
+REJECTED_SUFFIX = REJECTED  # <name>.failed: a bundle that failed its gate (not a release)
 console = Console()
 
 
@@ -138,6 +144,8 @@ def run(cfg: DictConfig) -> dict:
         atomic_write_text(tmp / "README.md", render_model_card(facts))
         write_manifest(tmp)
         make_world_readable(tmp)
+        if gate_failure is not None:  # never published: kept beside the target for reading, the target untouched
+            raise keep_rejected(tmp, target, gate)
     summary = {
         "stage": STAGE,
         "path": str(target),
@@ -151,9 +159,25 @@ def run(cfg: DictConfig) -> dict:
         "seconds": round(time.perf_counter() - started, 1),
     }
     print_summary(summary, target)
-    if gate_failure is not None:
-        raise gate_failure
     return summary
+
+
+def rejected_dir(target: Path) -> Path:
+    """Where a bundle that failed its gate is kept: <target>.failed, beside the target (never listed as a release)."""
+    return target.with_name(f"{target.name}{REJECTED_SUFFIX}")
+
+
+def keep_rejected(tmp: Path, target: Path, gate: dict) -> GateFailed:
+    """Move a finished bundle whose gate failed to <target>.failed (replacing an older rejected one) and return the
+    error that names it; `target` is not touched."""
+    rejected = rejected_dir(target)
+    if rejected.exists():
+        shutil.rmtree(rejected)
+    os.replace(tmp, rejected)
+    failed = "; ".join(check_from_dict(c).describe() for c in gate["checks"] if not c["passed"])
+    now = f"{target} is unchanged" if target.exists() else f"nothing was published at {target}"
+    return GateFailed(f"stage=export: the new bundle failed its gate ({failed}); {now}. The rejected bundle is kept "
+                      f"at {rejected} (record: {rejected / 'verify.json'})")
 
 
 # ------------------------------------------------------------------------------------------------- the input
@@ -191,7 +215,7 @@ def load_source(cfg: DictConfig, rd: RunDir, gate_settings: GateSettings, device
 def card_facts(settings: RunSettings, rd: RunDir, name: str, bundle: Path, source: ExportSource, parameters: int,
                dtype: str) -> ModelCardFacts:
     records = {}
-    for path in sorted(rd.root.glob("*/verify.json")) + sorted(rd.root.glob("*/*/verify.json")):
+    for path in gate_records(rd.root, "*/verify.json") + gate_records(rd.root, "*/*/verify.json"):
         if rd.stage(STAGE) not in path.parents:  # other exports are releases of their own
             record = read_json(path)
             records[stage_label(record, path)] = record

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dg_pipeline.core import RunDir, atomic_dir, atomic_write_json, read_json
-from dg_pipeline.core.fingerprint import input_identity, stage_fingerprint
+from dg_pipeline.core.fingerprint import stage_fingerprint_parts
 from dg_pipeline.core.registry import STAGES, decide_reuse
 from dg_pipeline.data import load_eval_examples, load_splits
 from dg_pipeline.model.io import load_model, resolve_device, stop_token_ids
@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> dict:
     rd = RunDir.from_cfg(cfg)
     out_dir = rd.output(STAGE, calib.output_name(quant.name))
     input_dir = rd.resolve_input(STAGE, settings.input)
-    fingerprint = stage_fingerprint(cfg, STAGE, input_identity(input_dir))
+    fingerprint = stage_fingerprint_parts(cfg, STAGE, input_dir)
     previous = _previous_record(out_dir)
     reuse = decide_reuse(STAGES[STAGE].reuse, out_dir, force=settings.force, gate_record=previous and previous["gate"],
                          fingerprint=fingerprint, recorded_fingerprint=previous and previous.get("fingerprint"))
@@ -85,6 +85,9 @@ def run(cfg: DictConfig) -> dict:
     with console.status(f"quantize: loading {input_dir}"):
         model, tokenizer = load_model(input_dir, dtype=settings.model.dtype, device=device)
     splits = load_splits(settings.data, tokenizer, rd, seed=settings.seed, eos_token_ids=stop_token_ids(model))
+    # The gate's examples before calibrating: a missing or empty eval file fails here, not after the work.
+    examples = load_eval_examples(settings.data, tokenizer, rd, settings.seed, limit=gate_settings.n_eval,
+                                  eos_token_ids=stop_token_ids(model))
     calib_examples = calibration_examples(splits.train, calib.n_samples, calib.max_length)
     probe = LogitsErrorProbe(model, [e.prompt_ids for e in splits.eval[: quant.probe_prompts]], settings.seed)
     console.print(
@@ -111,8 +114,6 @@ def run(cfg: DictConfig) -> dict:
         "[yellow]note[/]: tokens/s below are a simulation: weights and activations are fake-quantized "
         + (f"(except {len(fp8_linears)} linears running real FP8 GEMMs)" if fp8_linears else "(no native FP8/FP4 kernels)")
     )
-    examples = load_eval_examples(settings.data, tokenizer, rd, settings.seed, limit=gate_settings.n_eval,
-                                  eos_token_ids=stop_token_ids(model))
     gate = run_gate(
         model, tokenizer, examples, gate_settings, STAGE, input_dir, out_dir,
         reference=reference, simulated=simulated,
@@ -124,6 +125,7 @@ def run(cfg: DictConfig) -> dict:
             "fp8_gemm_linears": len(fp8_linears),
             "folded_weight_quantizers": folded,
             "simulation_note": "throughput of fake-quantized weights/activations; not a deployment figure",
+            "fingerprint": fingerprint,
         },
         checks=logits_error_checks(error, quant.max_logits_error),
     )

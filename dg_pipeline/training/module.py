@@ -140,6 +140,7 @@ class BlockDiffusionModule(pl.LightningModule):
         self.log("train/diffusion_loss", out.diffusion_loss, batch_size=n, sync_dist=True)
         self.log("train/ar_loss", out.ar_loss, batch_size=n, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
+        self.last_loss = out.loss.detach()  # for StopOnNonFinite, which sees the gradients before the step
         return out.loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -30,7 +30,7 @@ from dg_pipeline.core.io import atomic_write_json
 from dg_pipeline.core.ranks import global_rank, on_rank_zero, pinned_run_dir
 from dg_pipeline.data.collate import Collator, ExampleDataset
 from dg_pipeline.data.order import GlobalBatchSampler, ResumableLoader
-from dg_pipeline.training.callbacks import TokensPerSecond, progress_bar
+from dg_pipeline.training.callbacks import StopOnNonFinite, TokensPerSecond, progress_bar
 from dg_pipeline.objective import build_objective, fill_token_id
 from dg_pipeline.training.checkpoints import newest_complete_checkpoint, recover_checkpoints
 from dg_pipeline.training.lora import apply_lora, merge_lora
@@ -250,7 +250,8 @@ def build_trainer(job: TrainingJob, ar_only: bool = False, resume_from: Path | N
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         log_every_n_steps=int(trainer_cfg.log_every_n_steps),
-        callbacks=[throughput, *progress_bar(trainer_cfg.progress_bar)],
+        callbacks=[throughput, StopOnNonFinite(job.stage, trainer_cfg.lr, trainer_cfg.precision),
+                   *progress_bar(trainer_cfg.progress_bar)],
         enable_progress_bar=trainer_cfg.progress_bar != "none",
         enable_model_summary=False,
         logger=False,  # exp_manager attaches the W&B logger
@@ -309,7 +310,12 @@ def fit(module: BlockDiffusionModule, train_loader: DataLoader, val_loader: Data
     # ckpt_path explicitly: it also stops the final `validate` from reloading a checkpoint. The run dir is pinned
     # for the ranks Lightning launches inside `fit`.
     with pinned_run_dir(str(job.run_dir)):
-        trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=resumed_from)
+        try:
+            trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader, ckpt_path=resumed_from)
+        except SystemExit:
+            if trainer.interrupted:  # Lightning turns Ctrl-C into exit(1); the entry point reports it in one line
+                raise KeyboardInterrupt from None
+            raise
     wall = time.perf_counter() - started
     final_train_loss = _metric(trainer.callback_metrics, "train/loss")
     if final_train_loss is None:  # resumed from a checkpoint of the last step: nothing left to train

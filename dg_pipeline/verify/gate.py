@@ -33,8 +33,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from rich.console import Console
+
 from dg_pipeline.core.errors import InputError
-from dg_pipeline.core.io import atomic_write_text
+from dg_pipeline.core.io import atomic_write_text, dumps_json
 from dg_pipeline.core.progress import progress_bar
 from dg_pipeline.data import left_padded_prompts
 from dg_pipeline.sampling import BlockDiffusionSampler, GenerationResult, SamplerConfig, ar_generate
@@ -46,6 +47,7 @@ from dg_pipeline.verify.record import (
     Check,
     GateSettings,
     PairedDrop,
+    at_most,
     finalize_record,
     gate_checks,
     load_reference,
@@ -194,12 +196,14 @@ def run_gate(
                                  "confidence": thresholds.drop_confidence,
                                  "drop_lower_bound": paired.drop_lower_bound(thresholds.drop_confidence)
                                  if thresholds.drop_confidence else paired.drop}
+    non_finite = non_finite_tensors(model)
+    record["non_finite_tensors"] = non_finite[:20]
     speedup_checked = record["speedup_vs_ar"]
     if thresholds.speed_confidence and record["speedup_vs_ar_lower_bound"] is not None:
         # Rounds timed under load: only a speedup that holds at this confidence passes.
         speedup_checked = record["speedup_vs_ar_lower_bound"]
     task_checks = gate_checks(record["accuracy"], speedup_checked, thresholds, ref, paired)
-    finalize_record(record, [*task_checks, *checks])
+    finalize_record(record, [*task_checks, *checks, at_most("non_finite_weights", len(non_finite), 0)])
     _write_predictions(out_dir, examples, scores, ar_scores)
     record["seconds"]["gate_total"] = time.perf_counter() - t_start
     path = write_record(out_dir, record)
@@ -207,6 +211,13 @@ def run_gate(
     raise_if_failed(record, path)
     return record
 
+
+
+@torch.no_grad()
+def non_finite_tensors(model) -> list[str]:
+    """The names of the model's weights holding a NaN or an infinity (a model that has any never passes a gate,
+    whatever it happens to decode)."""
+    return [name for name, t in model.named_parameters() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
 
 
 def gate_reference(settings: GateSettings, stage: str, input_dir: str | Path, reference: str | Path | Mapping | None,
@@ -363,7 +374,7 @@ def _write_predictions(out_dir: Path, examples, scores: list[Score], ar_scores: 
         row["reference"] = ex.meta.get("solution", ex.meta.get("completion")) if getattr(ex, "meta", None) else None
         if ar_scores is not None:
             row.update(ar_correct=ar_scores[i].correct, ar_prediction=ar_scores[i].text)
-        lines.append(json.dumps(row))
+        lines.append(dumps_json(row))
     return atomic_write_text(out_dir / "predictions.jsonl", "\n".join(lines) + "\n")
 
 
