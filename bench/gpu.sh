@@ -76,7 +76,8 @@ if [ "$SMOKE" = 1 ]; then
         trainer.accelerator=cpu)
   GATE=(verify.batch_size=2 verify.speed_examples=1 verify.speed_rounds=1 verify.speed_confidence=0
         verify.fixed_steps_benchmark=2 verify.sweep_steps=[] verify.choose_steps=false verify.plots=false
-        sampler.max_denoising_steps=2 calib.n_samples=2 calib.batch_size=2 quant.probe_prompts=2)
+        sampler.max_denoising_steps=2 calib.n_samples=2 calib.batch_size=2 quant.probe_prompts=2
+        verify.allow_flat_metric=true quant.max_logits_error=0.5)  # a 2-step tiny model: nothing to solve, noisy logits
   SAMPLER=(--init tiny --device cpu --batch-sizes 1 --repeats 1 --warmup 0 --steps 2 --prompt-count 1)
   LIMITS=(600 600 600 600 600 600)
 else
