@@ -36,7 +36,9 @@ def measure_step_seconds(cfg, steps: int = 6, warmup: int = 2) -> float:
     from dg_pipeline.data import build_board_tokenizer, collate, generate_boards, sudoku_examples
     from dg_pipeline.model import build_model
     from dg_pipeline.objective import build_objective
-    from dg_pipeline.training.module import freeze_router, freeze_vision, parameter_groups
+    from dg_pipeline.training.module import freeze_router, freeze_vision
+
+    from bench.step_time import time_steps
 
     tokenizer = build_board_tokenizer()
     model = build_model(str(cfg.model.init), tokenizer, int(cfg.model.canvas_length), seed=0).train()
@@ -45,17 +47,7 @@ def measure_step_seconds(cfg, steps: int = 6, warmup: int = 2) -> float:
     boards = generate_boards(9, int(cfg.trainer.batch_size), int(cfg.data.min_clues), int(cfg.data.max_clues), seed=0)
     batch = collate(sudoku_examples(boards, tokenizer), int(cfg.model.canvas_length), tokenizer.pad_token_id)
     objective = build_objective(cfg.objective, tokenizer)
-    optimizer = torch.optim.AdamW(parameter_groups(model, 1e-4), lr=1e-4)
-    generator = torch.Generator().manual_seed(0)
-    times = []
-    for i in range(warmup + steps):
-        started = time.perf_counter()
-        objective.loss(model, batch, generator).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return statistics.median(time_steps(model, objective, batch, steps, warmup))
 
 
 def main() -> None:
