@@ -100,7 +100,7 @@ COMMON=(recipe=sudoku9 "run_dir=$RUN" logger=none "device=$DEVICE" "${MODEL[@]}"
 run "${LIMITS[0]}" base "$PY" -m dg_pipeline stage=base "${COMMON[@]}"
 run "${LIMITS[1]}" sft "$PY" -m dg_pipeline stage=sft "${COMMON[@]}"
 run "${LIMITS[2]}" sampler "$PY" -m bench.sampler "${SAMPLER[@]}" --out "$OUT_DIR/sampler.json"
-run "${LIMITS[3]}" quantize_fp8 "$PY" -m dg_pipeline stage=quantize quant=fp8 "${COMMON[@]}"
+run "${LIMITS[3]}" quantize_fp8 "$PY" -m dg_pipeline stage=quantize quant=fp8 verify.time_simulated=true "${COMMON[@]}"
 run "${LIMITS[4]}" nvfp4 "$PY" -m bench.quant_error --compare-cuda --skip-table --out "$OUT_DIR/nvfp4_cuda_vs_cpu.json"
 run "${LIMITS[5]}" report "$PY" -m bench.gpu_report --run "$RUN" --sampler "$OUT_DIR/sampler.json" \
   --nvfp4 "$OUT_DIR/nvfp4_cuda_vs_cpu.json" --out "$OUT_DIR/gpu.json" --title "bench/gpu.sh ($DEVICE)"

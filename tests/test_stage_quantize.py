@@ -57,6 +57,10 @@ def test_fp8_writes_the_modelopt_state_quant_json_and_a_simulated_gate_and_resto
 
     verify = json.loads((out / "verify.json").read_text())
     assert verify["stage"] == "quantize" and verify["simulated"] is True and verify["quant"] == "fp8"
+    # Fake-quantized speed is no deployment figure: by default the gate scores accuracy and times nothing.
+    assert verify["timed"] is False and verify["tokens_per_second"] is None and verify["speedup_vs_ar"] is None
+    assert verify["ar_accuracy"] is None and verify["fixed_step_benchmark"] is None and verify["speed"]["rounds"] == 0
+    assert verify["accuracy"] is not None and verify["tokens_per_forward"] > 0
 
     # mto.restore onto the SFT model reproduces the calibrated model: the same probe gives the recorded error.
     model, tokenizer, _ = restore_quantized(out)
@@ -65,6 +69,21 @@ def test_fp8_writes_the_modelopt_state_quant_json_and_a_simulated_gate_and_resto
     prompts = [e.prompt_ids for e in load_splits(cfg.data, tokenizer, RunDir(tmp_path), int(cfg.seed)).eval[:2]]
     probe = LogitsErrorProbe(base, prompts, int(cfg.seed))
     assert probe.error(model)["logits_relative_error"] == pytest.approx(record["logits_relative_error"], rel=1e-6)
+
+
+def test_time_simulated_adds_the_ar_baseline_and_timing_to_the_quantize_gate(compose_cfg, sft_dir, tmp_path):
+    run_quantize(compose_cfg, tmp_path, "quant=fp8", f"input={sft_dir}", "verify.time_simulated=true",
+                 "verify.ar_baseline=true", "verify.speed_confidence=0", "verify.speed_rounds=1")
+    verify = json.loads((tmp_path / "quantize" / "fp8" / "verify.json").read_text())
+    assert verify["timed"] is True and verify["simulated"] is True
+    assert verify["tokens_per_second"] > 0 and verify["speedup_vs_ar"] > 0 and verify["ar_accuracy"] is not None
+
+
+def test_a_speedup_floor_on_an_untimed_quantize_gate_is_refused_naming_the_key(compose_cfg, sft_dir, tmp_path):
+    with pytest.raises(InputError, match="verify.time_simulated=true"):
+        run_quantize(compose_cfg, tmp_path, "quant=fp8", f"input={sft_dir}", "verify.ar_baseline=true",
+                     "verify.min_speedup=1.0")
+    assert not (tmp_path / "quantize" / "fp8").exists()  # refused before calibrating: nothing written
 
 
 def test_nvfp4_below_the_sft_accuracy_fails_the_gate_after_writing_verify_json(compose_cfg, sft_dir, tmp_path):

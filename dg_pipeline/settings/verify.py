@@ -25,6 +25,7 @@ class VerifySettings:
     min_speedup: float = 0.0
     reference: Optional[str] = None
     ar_baseline: bool = True
+    time_simulated: bool = False  # quantize gates: also decode AR and time on fake-quantized weights
     sweep_steps: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 6])
     sweep_examples: Optional[int] = 64  # per eval source; null = all
     choose_steps: bool = True  # stage=sft: max_denoising_steps in generation_config.json from the val curve

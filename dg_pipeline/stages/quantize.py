@@ -13,9 +13,11 @@ input=<dir>, else <run_dir>/sft/model
                                                      verify.max_accuracy_drop defaulting to quant.max_accuracy_drop,
                                                      the logits error bounded by quant.max_logits_error
 Skipped when its outputs exist, passed, and were made with the same settings on the same input (the
-fingerprint in quant.json), unless force=true. Throughput is a simulation (fake quantization) except
-the real-FP8 linears of quant=fp8 on a CUDA device with compute capability >= 8.9 (quant.fp8_gemm). The gate runs
-after the state is saved, on weights folded once (`fold_weights_for_eval`: same logits, no per-forward re-rounding).
+fingerprint in quant.json), unless force=true. The gate scores accuracy (diffusion pass, step sweep, drop vs sft,
+logits error); it times decoding (AR baseline, batch-1 rounds) only when real-FP8 linears run (quant=fp8 on a CUDA
+device with compute capability >= 8.9, quant.fp8_gemm) or verify.time_simulated=true, since fake-quantized speed is
+no deployment figure (the export gate times the bundle). It runs after the state is saved, on weights folded once
+(`fold_weights_for_eval`: same logits, no per-forward re-rounding).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from dg_pipeline.core import RunDir, atomic_dir, atomic_write_json, read_json
+from dg_pipeline.core import InputError, RunDir, atomic_dir, atomic_write_json, read_json
 from dg_pipeline.core.fingerprint import stage_fingerprint_parts
 from dg_pipeline.core.registry import STAGES, decide_reuse
 from dg_pipeline.data import load_eval_examples, load_splits
@@ -78,6 +80,10 @@ def run(cfg: DictConfig) -> dict:
         console.print(f"[bold]quantize[/]: re-calibrating: {reuse.reason}")
     gate_settings = GateSettings.for_run(settings, own_allowance="quant")
     reference = gate_reference(gate_settings, STAGE, input_dir, gate_record_beside(input_dir))  # before calibrating
+    if gate_settings.thresholds.min_speedup > 0 and not settings.verify.time_simulated:
+        raise InputError(f"stage=quantize: verify.min_speedup={gate_settings.thresholds.min_speedup} needs the gate "
+                         "to time fake-quantized weights: set verify.time_simulated=true, or put the speed floor on "
+                         "the export gate (it times the real bundle)")
     device = resolve_device(settings.device)
     recipe = build_recipe(quant.name, quant.kv_cache, self_conditioning=quant.self_conditioning,
                           extra_exclusions=list(quant.exclude), nvfp4_backend=quant.nvfp4_backend, device=device)
@@ -110,13 +116,21 @@ def run(cfg: DictConfig) -> dict:
     fp8_linears = gate_with_fp8_gemms(quant.fp8_gemm, model, quant.name, device)
     folded = fold_weights_for_eval(model)  # saved above; the gate's forwards need not re-round the weights
     simulated = True  # fake quantization somewhere (all of it, or the experts next to real-FP8 linears)
-    console.print(
-        "[yellow]note[/]: tokens/s below are a simulation: weights and activations are fake-quantized "
-        + (f"(except {len(fp8_linears)} linears running real FP8 GEMMs)" if fp8_linears else "(no native FP8/FP4 kernels)")
-    )
+    # Fake-quantized speed is no deployment figure: time only real FP8 GEMMs, or when asked (the export gate times the
+    # bundle either way).
+    timed = bool(fp8_linears) or settings.verify.time_simulated
+    if timed:
+        console.print(
+            "[yellow]note[/]: tokens/s below are a simulation: weights and activations are fake-quantized "
+            + (f"(except {len(fp8_linears)} linears running real FP8 GEMMs)" if fp8_linears
+               else "(no native FP8/FP4 kernels)")
+        )
+    else:
+        console.print("[bold]quantize[/]: gate scores accuracy only on fake-quantized weights (no AR baseline, no "
+                      "timing; verify.time_simulated=true adds them); the export gate times the real bundle")
     gate = run_gate(
         model, tokenizer, examples, gate_settings, STAGE, input_dir, out_dir,
-        reference=reference, simulated=simulated,
+        reference=reference, simulated=simulated, timed=timed,
         extra={
             "quant": quant.name,
             "kv_cache": recipe.kv_cache,

@@ -157,6 +157,7 @@ def run_gate(
     reference: str | Path | Mapping | None = None,
     *,
     simulated: bool = False,
+    timed: bool = True,
     extra: Mapping[str, Any] | None = None,
     checks: Sequence[Check] = (),
     console: Console | None = None,
@@ -165,7 +166,8 @@ def run_gate(
 
     `reference`: the verify.json (path, its dir, or the record) the accuracy drop is measured against;
     verify.reference overrides it. `simulated`: throughput was measured on fake-quantized weights (quantize
-    stage). `extra`: more keys for the record (e.g. the quant format); `checks`: the stage's own checks (e.g. the
+    stage). `timed`: False = score accuracy only (no AR baseline, no batch-1 rounds, no fixed-step benchmark: the
+    quantize stage on fake-quantized weights, verify.time_simulated=false). `extra`: more keys for the record (e.g. the quant format); `checks`: the stage's own checks (e.g. the
     quantize stage's logits-error bound), added to the task checks.
     """
     t_start = time.perf_counter()
@@ -177,8 +179,11 @@ def run_gate(
     thresholds = settings.thresholds
     ref = gate_reference(settings, stage, input_dir, reference, scorer.metric)
     examples = first_examples(examples, settings.n_eval)
+    if not timed and thresholds.min_speedup > 0:
+        raise InputError(f"stage={stage}: verify.min_speedup={thresholds.min_speedup} needs timing, which this gate "
+                         "skips on fake-quantized weights: set verify.time_simulated=true or verify.min_speedup=0")
 
-    decodes = decode_for_gate(model, tokenizer, examples, settings, sampler_config, scorer, out_dir, console)
+    decodes = decode_for_gate(model, tokenizer, examples, settings, sampler_config, scorer, out_dir, console, timed)
     scores = [scorer.score(s, e) for s, e in zip(decodes.diffusion.sequences, examples)]
     ar_scores = [scorer.score(s, e) for s, e in zip(decodes.ar.sequences, examples)] if decodes.ar else None
     record = measurements(stage, input_dir, scorer.metric, examples, scores, ar_scores, decodes, settings,
@@ -187,6 +192,7 @@ def run_gate(
     record.update(accuracy_breakdown(examples, [sc.correct for sc in scores],
                                      [sc.correct for sc in ar_scores] if ar_scores else None, scorer.strata))
     record["simulated"] = bool(simulated)
+    record["timed"] = bool(timed)
     record.update(extra or {})
     paired = None
     if ref is not None:
@@ -239,8 +245,9 @@ def gate_reference(settings: GateSettings, stage: str, input_dir: str | Path, re
 
 
 def decode_for_gate(model, tokenizer, examples, settings: GateSettings, sampler_config, scorer, out_dir: Path,
-                    console) -> GateDecodes:
-    """All the gate's decoding (diffusion, AR baseline, sweep, the trajectory plot) in eval mode, with progress."""
+                    console, timed: bool = True) -> GateDecodes:
+    """All the gate's decoding (diffusion, AR baseline, speed rounds, sweep, the trajectory plot) in eval mode, with
+    progress; `timed` False leaves out the AR baseline and the speed rounds."""
     v = settings.verify
     batch_size = v.batch_size
     speed_examples = speed_subset(examples, v.speed_examples)
@@ -255,13 +262,14 @@ def decode_for_gate(model, tokenizer, examples, settings: GateSettings, sampler_
             eos = sampler_config.eos_token_ids
             main = measure(diffusion, examples, batch_size, tokenizer, progress, "diffusion", eos)
             ar_main = None
-            if v.ar_baseline:
+            if v.ar_baseline and timed:
                 speed_decoders["ar"] = ar = ar_decoder(model, tokenizer, max_new)
                 ar_main = measure(ar, examples, batch_size, tokenizer, progress, "AR", eos)
-            if v.fixed_steps_benchmark:
+            if v.fixed_steps_benchmark and timed:
                 fixed = sampler_config.replace(**fixed_steps(v.fixed_steps_benchmark))
                 speed_decoders["fixed_steps"] = diffusion_decoder(model, fixed, tokenizer, max_new, seed)
-            speed = measure_speed(speed_decoders, speed_examples, v.speed_rounds, tokenizer, progress, eos)
+            speed = (measure_speed(speed_decoders, speed_examples, v.speed_rounds, tokenizer, progress, eos)
+                     if timed else {})
             sweep = sweep_steps(model, settings, tokenizer, examples, scorer, max_new, seed, batch_size, progress)
         adaptive = adaptive_point(main, examples, scorer, settings, sampler_config) if sweep else None
         plots = (write_plots(diffusion, tokenizer, examples[0], sweep, scorer.metric, out_dir, adaptive)
@@ -278,14 +286,14 @@ def measurements(stage, input_dir, metric, examples, scores, ar_scores, d: GateD
     ar_summary = aggregate(ar_scores) if ar_scores else {}
     ar = d.ar
     speed = speed_summary(d.speed, settings.verify.speed_confidence)
-    diffusion_speed, ar_speed = speed["decoders"]["diffusion"], speed["decoders"].get("ar", {})
+    diffusion_speed, ar_speed = speed["decoders"].get("diffusion", {}), speed["decoders"].get("ar", {})
     return {
         "stage": stage,
         "input": str(input_dir),
         "metric": metric,
         "accuracy": summary["accuracy"],
         "n_eval": len(examples),
-        "tokens_per_second": diffusion_speed["tokens_per_second_median"],
+        "tokens_per_second": diffusion_speed.get("tokens_per_second_median"),
         "tokens_per_forward": d.diffusion.tokens_per_forward,
         "mean_denoising_steps": d.diffusion.mean_denoising_steps,
         "ar_accuracy": ar_summary.get("accuracy"),
@@ -298,7 +306,7 @@ def measurements(stage, input_dir, metric, examples, scores, ar_scores, d: GateD
         "steps_per_canvas": d.diffusion.mean_denoising_steps,
         "positions_per_token": d.diffusion.positions_per_token,
         "canvas_positions_evaluated": d.diffusion.positions_evaluated,
-        "ttft_s": diffusion_speed["ttft_s_median"],
+        "ttft_s": diffusion_speed.get("ttft_s_median"),
         "ar_ttft_s": ar_speed.get("ttft_s_median"),
         "device": d.device,
         "batch_size": settings.verify.batch_size,
@@ -307,15 +315,15 @@ def measurements(stage, input_dir, metric, examples, scores, ar_scores, d: GateD
         "tokens_per_second_batch": d.diffusion.tokens_per_second,
         "ar_tokens_per_second_batch": ar.tokens_per_second if ar else None,
         "speedup_vs_ar_batch": _ratio(d.diffusion.tokens_per_second, ar.tokens_per_second if ar else None),
-        "tokens_per_forward_batch1": diffusion_speed["tokens_per_step"],
+        "tokens_per_forward_batch1": diffusion_speed.get("tokens_per_step"),
         "ar_tokens_per_forward": ar.tokens_per_forward if ar else None,
         "speedup_definition": SPEEDUP_DEFINITION,
-        "speed_examples": diffusion_speed["examples"],
+        "speed_examples": diffusion_speed.get("examples"),
         "speed": speed,
         "max_new_tokens": resolve_max_new_tokens(settings.sampler.max_new_tokens, settings.task, examples),
         "generated_tokens": {
             "diffusion_batch": d.diffusion.generated_tokens,
-            "diffusion_batch1": d.speed["diffusion"][0].generated_tokens,
+            "diffusion_batch1": d.speed["diffusion"][0].generated_tokens if "diffusion" in d.speed else None,
             "ar_batch": ar.generated_tokens if ar else None,
             "ar_batch1": d.speed["ar"][0].generated_tokens if "ar" in d.speed else None,
         },
@@ -328,7 +336,7 @@ def measurements(stage, input_dir, metric, examples, scores, ar_scores, d: GateD
         "plots": d.plots,
         "seconds": {
             "diffusion_batch": d.diffusion.seconds,
-            "diffusion_batch1": sum(p.seconds for p in d.speed["diffusion"]),
+            "diffusion_batch1": sum(p.seconds for p in d.speed.get("diffusion", [])),
             "ar_batch": ar.seconds if ar else None,
             "ar_batch1": sum(p.seconds for p in d.speed["ar"]) if "ar" in d.speed else None,
         },
