@@ -115,3 +115,22 @@ def test_the_speed_rounds_take_their_examples_evenly_from_every_eval_source():
     picked = speed_subset(examples, 4)
     assert [e.meta["eval_source"] for e in picked] == ["pipeline", "pipeline", "independent", "independent"]
     assert speed_subset(examples, 3) == examples[:2] + examples[5:6]
+
+
+def test_the_fixed_step_benchmark_scores_each_speed_example_against_its_own_board(gate_settings):
+    """The speed rounds decode speed_subset(examples) (the first of each source), not the first examples: a
+    benchmark that answers every board it decoded correctly scores 1.0."""
+    from dg_pipeline.data.independent import independent_boards
+    from dg_pipeline.verify.gate import fixed_step_point, speed_subset
+    from dg_pipeline.verify.passes import DecodePass
+    from dg_pipeline.verify.scorers import scorer_for
+
+    tokenizer = build_board_tokenizer()
+    examples = (sudoku_examples(generate_boards(4, 5, 4, 10, seed=0), tokenizer, eval_source="pipeline")
+                + sudoku_examples(independent_boards(4, 5, 4, 10, seed=0), tokenizer, eval_source="independent"))
+    settings = gate_settings("verify.speed_examples=4")
+    solved = [list(e.response_ids) for e in speed_subset(examples, 4)]
+    run = DecodePass(sequences=solved, seconds=1.0, generated_tokens=68, decoder_forwards=4, committed_tokens=68,
+                     block_steps=[1, 1, 1, 1])
+    point = fixed_step_point({"fixed_steps": [run] * 5}, examples, scorer_for("sudoku", tokenizer, [1]), settings)
+    assert point["accuracy"] == 1.0 and point["n"] == 4

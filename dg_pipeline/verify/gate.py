@@ -346,13 +346,15 @@ def measurements(stage, input_dir, metric, examples, scores, ar_scores, d: GateD
 def fixed_step_point(speed: Mapping[str, list[DecodePass]], examples: Sequence, scorer,
                      settings: GateSettings) -> dict | None:
     """The fixed-step benchmark (verify.fixed_steps_benchmark steps per block, no adaptive stop; vLLM's published
-    DiffusionGemma measurement runs 16): batch-1 figures from the speed rounds, accuracy on the speed examples."""
+    DiffusionGemma measurement runs 16): batch-1 figures from the speed rounds, accuracy on the speed examples (each
+    round's sequences are those of `speed_subset(examples)`, in its order)."""
     runs = speed.get("fixed_steps")
     if not runs:
         return None
     first = runs[0]
     summary = speed_summary({"fixed_steps": runs}, settings.verify.speed_confidence)["decoders"]["fixed_steps"]
-    scored = [scorer.score(seq, e) for seq, e in zip(first.sequences, examples)]
+    decoded = speed_subset(examples, settings.verify.speed_examples)
+    scored = [scorer.score(seq, e) for seq, e in zip(first.sequences, decoded, strict=True)]
     return {"max_denoising_steps": settings.verify.fixed_steps_benchmark, "confidence_threshold": "off (no adaptive stop)",
             "accuracy": aggregate(scored)["accuracy"], "n": len(scored), **summary}
 
