@@ -42,3 +42,14 @@ def test_every_component_imports_only_the_layers_below_it():
 def test_model_does_not_import_export_and_nothing_below_stages_imports_stages():
     assert "export" not in imported_packages("model")
     assert all("stages" not in imported_packages(package) for package in BELOW)
+
+
+def test_no_stage_imports_another_stage():
+    """Stages only wire components; what two stages share lives in a module that is not a stage."""
+    from dg_pipeline.core.registry import STAGES
+
+    stage_modules = set(STAGES)  # stage=<name> lives in dg_pipeline/stages/<name>.py
+    for name in stage_modules:
+        tree = ast.parse((PACKAGE / "stages" / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        assert not {f"dg_pipeline.stages.{other}" for other in stage_modules} & imported, name

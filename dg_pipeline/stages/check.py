@@ -17,10 +17,9 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from dg_pipeline.core import InputError, RunDir
-from dg_pipeline.core.io import is_leftover
+from dg_pipeline.core.io import REJECTED, is_leftover
 from dg_pipeline.export import CheckFailed, check_export
 from dg_pipeline.settings import RunSettings
-from dg_pipeline.stages.export import REJECTED_SUFFIX
 
 STAGE = "check"
 console = Console()
@@ -39,12 +38,12 @@ def export_dirs(cfg: DictConfig) -> list[Path]:
     for p in sorted(root.glob("*") if root.is_dir() else []):
         if not p.is_dir():
             continue
-        if is_leftover(p) or p.name.endswith(REJECTED_SUFFIX):
+        if is_leftover(p) or p.name.endswith(REJECTED):
             skipped.append(p)
         elif (p / "config.json").exists():
             dirs.append(p)
     for p in skipped:
-        why = "a bundle that failed its gate" if p.name.endswith(REJECTED_SUFFIX) else "a killed writer's temporary dir"
+        why = "a bundle that failed its gate" if p.name.endswith(REJECTED) else "a killed writer's temporary dir"
         console.print(f"[yellow]skip[/] {p}: {why}, not a release")
     if not dirs:
         raise InputError(f"stage=check found no exported dir under {root}: run `stage=export run_dir="

@@ -53,7 +53,6 @@ from dg_pipeline.verify.record import check_from_dict
 from dg_pipeline.verify.report import stage_label
 
 STAGE = "export"
-REJECTED_SUFFIX = REJECTED  # <name>.failed: a bundle that failed its gate (not a release)
 console = Console()
 
 
@@ -164,7 +163,7 @@ def run(cfg: DictConfig) -> dict:
 
 def rejected_dir(target: Path) -> Path:
     """Where a bundle that failed its gate is kept: <target>.failed, beside the target (never listed as a release)."""
-    return target.with_name(f"{target.name}{REJECTED_SUFFIX}")
+    return target.with_name(f"{target.name}{REJECTED}")
 
 
 def keep_rejected(tmp: Path, target: Path, gate: dict) -> GateFailed:

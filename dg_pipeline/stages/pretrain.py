@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from dg_pipeline.core.errors import InputError
 from dg_pipeline.settings import RunSettings
-from dg_pipeline.stages.sft import run_training_stage
+from dg_pipeline.stages.training_stage import run_training_stage
 
 STAGE = "pretrain"
 
@@ -21,4 +21,4 @@ def run(cfg: DictConfig) -> dict:
     if steps <= 0:
         raise InputError(f"trainer.pretrain_steps={steps}: stage=pretrain needs a positive number of steps "
                          f"(e.g. trainer.pretrain_steps=200)")
-    return run_training_stage(cfg, STAGE, max_steps=steps, ar_only=True)
+    return run_training_stage(cfg, STAGE, max_steps=steps, ar_only=True, choose_steps=False)
