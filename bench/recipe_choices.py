@@ -34,15 +34,19 @@ GATE = ["verify.ar_baseline=false", "verify.speed_examples=1", "verify.sweep_ste
 # The previous default recipe (before issue 13), as overrides on today's.
 OLD = ["trainer.max_steps=1500", "trainer.batch_size=16", "trainer.lr=5e-3", "trainer.warmup_steps=50",
        "data.n_train=20000", "data.min_clues=4", "data.max_clues=10", "objective.ar_loss_scope=response",
-       "objective.fill_token=pad", "verify.choose_steps=false"]
+       "objective.t_eps=0.001", "objective.fill_token=pad", "verify.choose_steps=false"]
 # Measured choices (name -> overrides on today's default recipe); the default recipe itself is `default`.
 # (`old` runs today's generator, which hits each board's drawn clue count; see data/sudoku.py.)
-UNIFORM = ["data.clue_weights=null"]
+WEIGHTS = ["data.clue_weights=[2,2,1.5,1.5,1,1,1]"]
 CHOICES: dict[str, list[str]] = {
-    "old": OLD + UNIFORM,
-    "old+ar_scope=sequence": OLD + UNIFORM + ["objective.ar_loss_scope=sequence"],
-    "old+lr=1e-2": OLD + UNIFORM + ["trainer.lr=1e-2"],
-    "old+low-clue weights": OLD + ["data.clue_weights=[2,2,1.5,1.5,1,1,1]"],
+    "old": OLD,
+    "old+lr=1e-2": OLD + ["trainer.lr=1e-2"],
+    "old+low-clue-weights": OLD + WEIGHTS,
+    "objective-before": ["objective.ar_loss_scope=response", "objective.t_eps=0.001"],
+    "objective-before+low-clue-weights": ["objective.ar_loss_scope=response", "objective.t_eps=0.001", *WEIGHTS],
+    "t_eps=0.001": ["objective.t_eps=0.001"],
+    "t_eps=0.001+ema": ["objective.t_eps=0.001", "trainer.ema.enable=true", "trainer.ema.decay=0.995"],
+    "t_eps=0.5": ["objective.t_eps=0.5"],
     "default": [],
 }
 
