@@ -125,6 +125,14 @@ def decide_reuse(rule: str, output: Path, *, force: bool = False, gate_record: d
     return Reuse(True, f"{output} exists, passed its gate, with these settings on this input")
 
 
+def reuse_beside_gate(stage: str, output: Path, gate_record: dict | None, fingerprint: str | dict,
+                      force: bool = False) -> Reuse:
+    """decide_reuse for stage `stage` whose gate record (verify.json beside `output`) also holds the fingerprint the
+    output was made with (base, pretrain, sft)."""
+    return decide_reuse(STAGES[stage].reuse, output, force=force, gate_record=gate_record, fingerprint=fingerprint,
+                        recorded_fingerprint=(gate_record or {}).get("fingerprint"))
+
+
 def _what_changed(now, recorded) -> str:
     if recorded is None:
         return "without a recorded fingerprint"

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, DiffusionGemmaForBlockDiffusion, Diffusi
 
 from dg_pipeline.core import GateFailed, InputError, RunDir, atomic_write_json, read_json
 from dg_pipeline.core.fingerprint import stage_fingerprint_parts
-from dg_pipeline.core.registry import STAGES, decide_reuse
+from dg_pipeline.core.registry import reuse_beside_gate
 from dg_pipeline.data.tokenizer import build_board_tokenizer
 from dg_pipeline.model.configs import build_model
 from dg_pipeline.model.convert import PARITY_THRESHOLDS, parity_probe
@@ -50,8 +50,7 @@ def run(cfg: DictConfig) -> dict:
     fingerprint = stage_fingerprint_parts(cfg, STAGE, base_dir if base_dir and base_dir.is_dir() else None,
                                           upstream=f"init:{request['init']}" if request["init"] else str(base_dir))
     previous = read_json(verify_path) if verify_path.is_file() else None
-    reuse = decide_reuse(STAGES[STAGE].reuse, model_dir, force=settings.force, gate_record=previous,
-                         fingerprint=fingerprint, recorded_fingerprint=(previous or {}).get("fingerprint"))
+    reuse = reuse_beside_gate(STAGE, model_dir, previous, fingerprint, force=settings.force)
     if reuse.skip:
         console.print(f"[bold]base[/]: skipped, {reuse.reason} (force=true rebuilds it)")
         return {**previous, "skipped": True}

@@ -17,7 +17,7 @@ from rich.console import Console
 from dg_pipeline.core import RunDir, atomic_write_json
 from dg_pipeline.core.fingerprint import stage_fingerprint_parts
 from dg_pipeline.core.ranks import on_rank_zero, rank_zero_first
-from dg_pipeline.core.registry import STAGES, decide_reuse
+from dg_pipeline.core.registry import reuse_beside_gate
 from dg_pipeline.data.sources import load_splits
 from dg_pipeline.model.io import (load_model, load_model_skeleton, resolve_device, resolve_dtype, save_model,
                                   stop_token_ids)
@@ -42,8 +42,7 @@ def run_training_stage(cfg: DictConfig, stage: str, max_steps: int, ar_only: boo
     input_dir = rundir.resolve_input(stage, settings.input)  # sft: pretrain's model when it ran, else base's
     fingerprint = stage_fingerprint_parts(cfg, stage, input_dir)
     previous = read_gate_record(stage_dir / VERIFY_JSON)
-    reuse = decide_reuse(STAGES[stage].reuse, model_dir, force=settings.force, gate_record=previous,
-                         fingerprint=fingerprint, recorded_fingerprint=(previous or {}).get("fingerprint"))
+    reuse = reuse_beside_gate(stage, model_dir, previous, fingerprint, force=settings.force)
     if reuse.skip:
         console.print(f"[bold]{stage}[/]: skipped, {reuse.reason} (force=true retrains)")
         return {**previous, "skipped": True}
