@@ -9,7 +9,7 @@ time, solve rate on the training generator's eval split (`pipeline`) and on the 
 (`independent`), the same at exactly 3 denoising steps, steps per block and tokens per forward. `--steps` runs every
 choice at that many optimiser steps (a proxy screen; the warm-up scales with it); the default is each choice's own.
 `--seeds` trains each choice once per seed (the global `seed`: data order, noise and init of the run) and adds a
-median row per choice: one run of a choice moves by up to ~5 points from seed to seed, so compare medians.
+median row per choice: one run of a choice moves by up to ~15 points from seed to seed, so compare medians.
 Prints a table and writes bench/results/recipe_choices.json. Timings move with other jobs on a shared CPU.
 """
 
@@ -110,11 +110,9 @@ def medians(rows: list[dict]) -> list[dict]:
     out = []
     for choice in dict.fromkeys(r["choice"] for r in rows):
         runs = [r for r in rows if r["choice"] == choice]
-        stats = {key: spread([get(r) for r in runs]) for key, get in (
-            ("pipeline", lambda r: r["solved"].get("pipeline", 0.0)),
-            ("independent", lambda r: r["solved"].get("independent", 0.0)),
-            ("mean_denoising_steps", lambda r: r["mean_denoising_steps"]))}
-        out.append({"choice": choice, "runs": len(runs), **stats})
+        solved = {source: spread([r["solved"].get(source, 0.0) for r in runs]) for source in ("pipeline", "independent")}
+        out.append({"choice": choice, "runs": len(runs), **solved,
+                    "mean_denoising_steps": spread([r["mean_denoising_steps"] for r in runs])})
     return out
 
 
