@@ -66,6 +66,12 @@ CHOICES: dict[str, list[str]] = {
     # model's trained router).
     "trained-router": ["objective.freeze_router=false"],
     "trained-router+steps=2400": ["objective.freeze_router=false", "trainer.max_steps=2400"],
+    # Third pass (stop 19).
+    "ar_loss_weight=0.5": ["objective.ar_loss_weight=0.5"],
+    "min_lr_ratio=0": ["trainer.min_lr_ratio=0.0"],
+    "min_lr_ratio=0.5": ["trainer.min_lr_ratio=0.5"],
+    "batch=8+steps=2700": ["trainer.batch_size=8", "trainer.max_steps=2700"],  # ~1.05x the time of 1800 steps at 16
+    "batch=4+steps=3400": ["trainer.batch_size=4", "trainer.max_steps=3400"],  # ~1.0x
     "default": [],
 }
 
