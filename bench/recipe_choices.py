@@ -9,7 +9,7 @@ time, solve rate on the training generator's eval split (`pipeline`) and on the 
 (`independent`), the same at exactly 3 denoising steps, steps per block and tokens per forward. `--steps` runs every
 choice at that many optimiser steps (a proxy screen; the warm-up scales with it); the default is each choice's own.
 `--seeds` trains each choice once per seed (the global `seed`: data order, noise and init of the run) and adds a
-median row per choice: one run of a choice moves by up to ~15 points from seed to seed, so compare medians.
+median row per choice: one run of a choice moves by up to ~20 points from seed to seed, so compare medians.
 Prints a table and writes bench/results/recipe_choices.json. Timings move with other jobs on a shared CPU.
 """
 
@@ -53,7 +53,7 @@ CHOICES: dict[str, list[str]] = {
     "t_eps=0.001": ["trainer.max_steps=2200", "objective.t_eps=0.001"],
     "t_eps=0.001+ema": ["trainer.max_steps=2200", "objective.t_eps=0.001", "trainer.ema.enable=true",
                         "trainer.ema.decay=0.995"],
-    # Second pass (run with --seeds: one run moves by up to ~15 points).
+    # Second pass (run with --seeds: one run moves by up to ~20 points).
     "t_eps=0.3": ["objective.t_eps=0.3"],
     "ema": ["trainer.ema.enable=true", "trainer.ema.decay=0.995"],
     "lr=3e-3": ["trainer.lr=3e-3"],
